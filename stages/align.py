@@ -1,0 +1,34 @@
+"""`align`: join crawl results to the entities -> media/<dataset>/entities_media.parquet,
+and the coverage report metrics/coverage.json (per dataset)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.align import AlignConfig, align as run_align, write_media
+from pipeline.atomic import write_json
+from pipeline.crawl import read_entities
+from stages import PARAMS_OPTION, app, load_params
+
+
+@app.command()
+def align(
+    dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
+    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    crawl_dir: Optional[Path] = typer.Option(None, "--crawl", help="Crawl directory (default: crawl/<dataset>)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: media/<dataset>)."),
+    metrics: Path = typer.Option(Path("metrics/coverage.json"), help="Coverage report (JSON)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Pick description sentences (label fallback) and seeded image choices per entity."""
+    config = AlignConfig.from_params(load_params(params, "align"))
+    data = data or Path("data") / dataset
+    crawl_dir = crawl_dir or Path("crawl") / dataset
+    out = out or Path("media") / dataset
+    table, coverage = run_align(read_entities(data / "entities.parquet"), crawl_dir / "manifest.sqlite",
+                                crawl_dir / "images", config)
+    write_media(table, out / "entities_media.parquet")
+    write_json(metrics, {dataset: coverage})
+    typer.echo(f"align {dataset}: " + ", ".join(f"{key} {value}" for key, value in coverage.items()))

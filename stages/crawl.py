@@ -1,0 +1,33 @@
+"""`crawl`: gather descriptions and images of every entity into crawl/<dataset>/
+(manifest.sqlite + the content-addressed images/ store). Resumes; see pipeline.crawl."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.crawl import CrawlConfig, crawl as run_crawl, read_entities
+from stages import PARAMS_OPTION, app, load_params
+
+
+@app.command()
+def crawl(
+    dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
+    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    out: Optional[Path] = typer.Option(None, help="Crawl directory (default: crawl/<dataset>)."),
+    source: str = typer.Option("web", help="web (the crawl.sources of params), local-folder or csv."),
+    folder: Optional[Path] = typer.Option(None, help="With --source local-folder: images named by entity key."),
+    manifest: Optional[Path] = typer.Option(None, help="With --source csv: CSV with columns key,image,description."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Also retry failed items (unreachable ones are always retried)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Look up descriptions and images (DBpedia, Wikidata, Commons, or local files), verify and store them."""
+    config = CrawlConfig.from_params(load_params(params, "crawl"))
+    data = data or Path("data") / dataset
+    out = out or Path("crawl") / dataset
+    summary = run_crawl(read_entities(data / "entities.parquet"), out / "manifest.sqlite", out / "images", config,
+                        source=source, folder=folder, csv_manifest=manifest, retry_failed=retry_failed,
+                        progress=progress)
+    typer.echo(f"crawl {dataset}: {summary.line()}")

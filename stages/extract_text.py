@@ -1,0 +1,45 @@
+"""`extract-text`: SBERT features of each entity's sentences -> features/<ds>/text/."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.errors import ConfigError
+from pipeline.features.inputs import count_entities, read_entity_media
+from pipeline.features.text import TextSettings, extract_text
+from stages import PARAMS_OPTION, app, load_params
+
+
+def text_settings(section: dict) -> TextSettings:
+    """The ``extract_text`` params section as :class:`TextSettings`."""
+    try:
+        return TextSettings(
+            model=str(section["model"]),
+            max_sentences=int(section["max_sentences"]),
+            batch_size=int(section["batch_size"]),
+            dtype=str(section["dtype"]),
+            seed=int(section["seed"]),
+        )
+    except KeyError as error:
+        raise ConfigError(f"extract_text: missing key {error.args[0]!r}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"extract_text: bad value: {error}") from None
+
+
+@app.command("extract-text")
+def extract_text_command(
+    dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
+    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    media: Optional[Path] = typer.Option(None, help="Align output (default: media/<dataset>/entities_media.parquet)."),
+    out: Optional[Path] = typer.Option(None, help="Cache directory (default: features/<dataset>/text)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """SBERT embedding of each entity's sentences, zero-padded to [S, D]; incremental cache."""
+    settings = text_settings(load_params(params, "extract_text"))
+    num_entities = count_entities((data or Path("data") / dataset) / "entities.parquet")
+    entity_media = read_entity_media(media or Path("media") / dataset / "entities_media.parquet", num_entities)
+    out = out or Path("features") / dataset / "text"
+    report = extract_text(entity_media.sentences, out, settings)
+    typer.echo(f"extract-text: {report.num_entities} entities, {report.encoded} recomputed, {report.reused} reused -> {out}")
