@@ -6,6 +6,12 @@ import typer
 from pipeline.errors import PipelineError
 from stages import app
 from stages import download  # noqa: F401  (each import registers its command)
+from stages import crawl  # noqa: F401
+from stages import align  # noqa: F401
+from stages import extract_text  # noqa: F401
+from stages import extract_visual  # noqa: F401
+from stages import train  # noqa: F401
+from stages import evaluate  # noqa: F401
 
 
 def main() -> None:

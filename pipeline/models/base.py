@@ -53,15 +53,40 @@ class KGCModel(nn.Module, abc.ABC):
         straight-through Gumbel draws). ``corrupt_head [B]`` bool: row i replaces its head
         (True) or its tail (False) by each negative.
         """
-        neg = self.entity_representations(negatives) if negatives.dtype == torch.long else negatives
+        return self.score_batch(triples, negatives, corrupt_head)[1]
+
+    def score_batch(
+        self, triples: torch.Tensor, negatives: torch.Tensor, corrupt_head: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positive [B], negative [B, n])`` scores of one training step in one pass.
+
+        Same arguments as :meth:`score_negatives`. Heads, tails and negative ids are looked
+        up in ONE :meth:`entity_representations` call (one embedding gradient per step, the
+        training fast path). A model that overrides :meth:`score_triples` or
+        :meth:`score_negatives` with its own scoring must override this method as well.
+        """
         h, r, t = triples.unbind(-1)
-        h_rep = self.entity_representations(h).unsqueeze(1)  # [B, 1, d]
-        t_rep = self.entity_representations(t).unsqueeze(1)
-        r_rep = self.relation_representations(r).unsqueeze(1)
+        batch = len(triples)
+        if negatives.dtype == torch.long:  # split (not slicing): its backward is one cat, no zero-filled buffers
+            h_rep, t_rep, neg = self.entity_representations(torch.cat([h, t, negatives.flatten()])).split([batch, batch, negatives.numel()])
+            neg = neg.unflatten(0, negatives.shape)
+        else:
+            (h_rep, t_rep), neg = self.entity_representations(torch.cat([h, t])).split([batch, batch]), negatives
+        r_rep = self.relation_representations(r)
+        return self.interaction(h_rep, r_rep, t_rep), self.negative_interaction(h_rep, r_rep, t_rep, neg, corrupt_head)
+
+    def negative_interaction(
+        self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor, negatives: torch.Tensor, corrupt_head: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores ``[B, n]`` from representations ``h, r, t [B, d]`` and ``negatives [B, n, d_e]``.
+
+        Generic: substitute the negatives into the head or tail slot and call
+        :meth:`interaction`; models override it with a cheaper form.
+        """
         head_side = corrupt_head.view(-1, 1, 1)
-        heads = torch.where(head_side, neg, h_rep)
-        tails = torch.where(head_side, t_rep, neg)
-        return self.interaction(heads, r_rep, tails)
+        heads = torch.where(head_side, negatives, h.unsqueeze(1))
+        tails = torch.where(head_side, t.unsqueeze(1), negatives)
+        return self.interaction(heads, r.unsqueeze(1), tails)
 
     def score_all(self, triples: torch.Tensor, side: Side) -> torch.Tensor:
         """Scores ``[B, E]`` of every entity in the ``side`` slot of ``triples [B, 3]``.

@@ -1,0 +1,315 @@
+"""The training loop: seeded batches, any sampler, validation, best checkpoint, resume.
+
+One step::
+
+    positives = next batch [B, 3]                      (seeded permutation, drop-last)
+    negatives = sampler.sample(positives, model, step)
+    positive_scores, negative_scores = model.score_batch(positives, negatives...)
+    loss = kgc_loss(positive_scores, negative_scores, subsampling weights)
+           + model.regularization(positives) + sampler.auxiliary_loss(...)
+    sparse embedding gradients -> dense; Adam step (model lr, sampler group sampler_lr)
+
+Every ``valid_every`` steps (and at the last step) ``validate(model)`` gives VALID metrics;
+the best MRR is kept in ``best.pt``, ``last.pt`` holds everything needed to resume (model,
+optimizer, sampler with its generator, batch order, RNG states, history). A run resumed from
+``last.pt`` ends bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.graph import KnowledgeGraph
+from pipeline.losses import KGCLoss, SubsamplingWeights
+from pipeline.models import KGCModel, build_model
+from pipeline.samplers import NegativeSampler
+
+#: ``validate(model) -> {"mrr": ..., "hits@10": ...}`` on VALID (fractions in 0..1).
+Validator = Callable[[KGCModel], dict[str, float]]
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Loop hyper-parameters (``train`` section of params.yaml)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    sampler_lr: float
+    valid_every: int
+    patience: int
+    seed: int
+    log_every: int = 100
+
+
+@dataclass
+class TrainingResult:
+    """What a finished (or early-stopped) run reports."""
+
+    step: int
+    best: dict[str, Any]  # {"step", "mrr", "hits@10", ...} of the best validation
+    history: list[dict[str, float]]  # one row per validation: step, loss, valid_mrr, valid_hits@10
+    losses: list[dict[str, float]]  # one row per log_every steps: step, loss (window mean)
+    stopped_early: bool
+    train_seconds: float  # time in training steps (validation excluded), over all sessions
+    wall_seconds: float  # total time, validation included, over all sessions
+    step_triples: int  # positive triples trained on (steps x batch size)
+
+    @property
+    def triples_per_second(self) -> float:
+        return 0.0 if self.train_seconds == 0 else self.step_triples / self.train_seconds
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cpu``; ``cuda`` (error if unavailable)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    raise ConfigError(f"train.device must be auto, cpu or cuda, got {name!r}")
+
+
+class BatchStream:
+    """Fixed-size batches of row indices from a seeded permutation per epoch (drop-last).
+
+    The dropped remainder differs each epoch, so every triple is seen. State (generator,
+    current permutation, cursor) goes into checkpoints.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        if batch_size > num_rows:
+            raise ConfigError(f"train.batch_size ({batch_size}) exceeds the {num_rows} training triples")
+        self.num_rows, self.batch_size = num_rows, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.permutation = torch.randperm(num_rows, generator=self.generator)
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.batch_size > self.num_rows:
+            self.permutation = torch.randperm(self.num_rows, generator=self.generator)
+            self.cursor = 0
+        batch = self.permutation[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "permutation": self.permutation, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.permutation, self.cursor = state["permutation"], state["cursor"]
+
+
+def build_optimizer(model: KGCModel, sampler: NegativeSampler, settings: TrainSettings) -> torch.optim.Adam:
+    """Adam with the model's parameters (``lr``) and the sampler's, if any (``sampler_lr``)."""
+    groups = [{"params": list(model.parameters()), "lr": settings.lr}]
+    sampler_parameters = [p for p in sampler.parameters() if p.requires_grad]
+    if sampler_parameters:
+        groups.append({"params": sampler_parameters, "lr": settings.sampler_lr})
+    return torch.optim.Adam(groups, lr=settings.lr, fused=True)
+
+
+class GradientDensifier:
+    """Turns sparse embedding gradients (summed over all lookups of a step) dense for Adam.
+
+    Each parameter gets one persistent dense buffer, zeroed and filled by ``index_add_``
+    every step: no full-size allocation (page faults) and no full-size add pass per step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def __call__(self) -> None:
+        for parameter in self.parameters:
+            gradient = parameter.grad
+            if gradient is None or not gradient.is_sparse:
+                continue
+            buffer = self.buffers.get(id(parameter))
+            if buffer is None:
+                buffer = self.buffers[id(parameter)] = torch.zeros_like(parameter)
+            else:
+                buffer.zero_()
+            parameter.grad = buffer.index_add_(0, gradient._indices()[0], gradient._values())
+
+
+def fingerprint_text(fingerprint: dict[str, Any]) -> str:
+    """Canonical JSON of a run's configuration, compared to decide resume vs fresh start."""
+    return json.dumps(fingerprint, sort_keys=True, default=str)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | Path, graph: KnowledgeGraph, device: torch.device | str = "cpu") -> KGCModel:
+    """Rebuild the model stored in a checkpoint (``best.pt`` or ``last.pt``) for ``graph``."""
+    checkpoint = read_checkpoint(Path(path))
+    config = checkpoint["model_config"]
+    model = build_model(config["name"], graph, config["shared"], config["options"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+@dataclass
+class LoopState:
+    """Everything of the loop besides modules: progress, metrics, and loss accumulators."""
+
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    bad_validations: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    losses: list[dict[str, float]] = field(default_factory=list)
+    window_loss: float = 0.0  # sum over the current log window
+    window_steps: int = 0
+    valid_loss: float = 0.0  # sum since the last validation
+    valid_steps: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def fit(
+    model: KGCModel,
+    sampler: NegativeSampler,
+    loss_fn: KGCLoss,
+    graph: KnowledgeGraph,
+    settings: TrainSettings,
+    checkpoint_dir: str | Path,
+    validate: Validator,
+    model_config: dict[str, Any],
+    fingerprint: dict[str, Any],
+    subsampling: SubsamplingWeights | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``model`` (already on its device, as is ``sampler``) and return the run's result.
+
+    Resumes from ``checkpoint_dir/last.pt`` when its ``fingerprint`` (the run's config minus
+    ``steps``) equals this one, so raising ``steps`` extends a run; otherwise starts fresh
+    and removes the stale ``last.pt`` and ``best.pt``. ``model_config`` (``name``, ``shared``, ``options``)
+    is stored so :func:`load_model` can rebuild the model. The model's initial parameters
+    must already come from ``settings.seed`` (the caller seeds before building it).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
+    device = next(model.parameters()).device
+    train = graph.train.to(device)
+    batches = BatchStream(len(train), settings.batch_size, settings.seed)
+    optimizer = build_optimizer(model, sampler, settings)
+    densify_gradients = GradientDensifier(optimizer)
+    state = LoopState()
+    key = fingerprint_text(fingerprint)
+
+    checkpoint = read_checkpoint(last_path) if last_path.is_file() else {}
+    if checkpoint.get("fingerprint") == key:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        batches.load_state_dict(checkpoint["batches"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        state = LoopState(**checkpoint["loop"])
+    else:  # another configuration's checkpoints are stale: never resume from or report them
+        last_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
+
+    def save(path: Path, full: bool) -> None:
+        payload: dict[str, Any] = {"fingerprint": key, "model_config": model_config, "model": model.state_dict(), "step": state.step}
+        if full:
+            payload.update(
+                optimizer=optimizer.state_dict(),
+                sampler=sampler.state_dict(),
+                batches=batches.state_dict(),
+                rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                loop=asdict(state),
+            )
+        else:
+            payload["metrics"] = state.best
+        write_checkpoint(path, payload)
+
+    model.train()
+    session_start = time.perf_counter()
+    wall_before = state.wall_seconds
+    finished = state.stopped_early or state.step >= settings.steps
+    bar = tqdm(total=settings.steps, initial=state.step, desc="train", unit="step", disable=not progress or finished)
+    while not finished:
+        step_start = time.perf_counter()
+        positives = train[batches.next().to(device)]
+        negatives = sampler.sample(positives, model, state.step)
+        positive_scores, negative_scores = model.score_batch(positives, negatives.as_model_input(), negatives.corrupt_head)
+        weights = subsampling(positives) if subsampling is not None else None
+        loss = loss_fn(positive_scores, negative_scores, weights) + model.regularization(positives)
+        auxiliary = sampler.auxiliary_loss(positives, negatives, negative_scores, model)
+        if auxiliary is not None:
+            loss = loss + auxiliary
+        value = loss.item()
+        if not math.isfinite(value):
+            where = f"{last_path} (step {read_checkpoint(last_path)['step']})" if last_path.is_file() else "none written yet"
+            raise TrainingDiverged(f"loss is {value} at step {state.step}; last good checkpoint: {where}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        densify_gradients()
+        optimizer.step()
+        state.step += 1
+        state.train_seconds += time.perf_counter() - step_start
+        state.window_loss, state.window_steps = state.window_loss + value, state.window_steps + 1
+        state.valid_loss, state.valid_steps = state.valid_loss + value, state.valid_steps + 1
+        if state.step % settings.log_every == 0:
+            state.losses.append({"step": state.step, "loss": state.window_loss / state.window_steps})
+            state.window_loss, state.window_steps = 0.0, 0
+        bar.update(1)
+        if state.step % settings.valid_every == 0 or state.step >= settings.steps:
+            model.eval()
+            with torch.no_grad():
+                metrics = validate(model)
+            model.train()
+            row = {"step": state.step, "loss": state.valid_loss / state.valid_steps, "valid_mrr": metrics["mrr"], "valid_hits@10": metrics["hits@10"]}
+            state.history.append(row)
+            state.valid_loss, state.valid_steps = 0.0, 0
+            if not state.best or metrics["mrr"] > state.best["mrr"]:
+                state.best = {"step": state.step, **metrics}
+                state.bad_validations = 0
+                save(best_path, full=False)
+            else:
+                state.bad_validations += 1
+                state.stopped_early = state.bad_validations >= settings.patience
+            finished = state.stopped_early or state.step >= settings.steps
+            state.wall_seconds = wall_before + time.perf_counter() - session_start
+            save(last_path, full=True)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", valid_mrr=f"{metrics['mrr']:.4f}")
+    bar.close()
+    return TrainingResult(
+        step=state.step,
+        best=state.best,
+        history=state.history,
+        losses=state.losses,
+        stopped_early=state.stopped_early,
+        train_seconds=state.train_seconds,
+        wall_seconds=state.wall_seconds,
+        step_triples=state.step * settings.batch_size,
+    )

@@ -1,0 +1,156 @@
+"""`train`: fit the KGC model of params.yaml `train` with the sampler of `sampler`.
+
+Outputs: models/<ds>/last.pt (resume point), models/<ds>/best.pt (best VALID MRR),
+metrics/train.json, plots/train_curve.csv (per validation), plots/train_loss.csv (per
+log window), plots/train_curve.png. An existing last.pt with the same configuration is
+resumed; a different configuration starts fresh.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+
+from pipeline.atomic import write_json
+from pipeline.errors import ConfigError
+from pipeline.evaluation import evaluate
+from pipeline.features import load_features
+from pipeline.graph import load_graph
+from pipeline.losses import LOSSES, SubsamplingWeights, build_loss
+from pipeline.models import MODELS, build_model
+from pipeline.plots import plot_training_curves, write_csv
+from pipeline.samplers import SAMPLERS
+from pipeline.training import TrainSettings, fit, resolve_device
+from stages import PARAMS_OPTION, app, load_params
+
+POSITIVE_INTEGERS = ("dim", "num_negatives", "batch_size", "steps", "valid_every", "patience", "eval_batch_size", "log_every")
+POSITIVE_FLOATS = ("lr", "sampler_lr", "adversarial_temperature")
+NON_NEGATIVE_FLOATS = ("gamma", "regularization")
+BOOLEANS = ("self_adversarial", "subsampling")
+
+
+def check_train_section(section: dict[str, Any]) -> dict[str, Any]:
+    """Validate the ``train`` section: types and ranges (ConfigError naming the key), names."""
+    def value(key: str) -> Any:
+        if key not in section:
+            raise ConfigError(f"train.{key} is missing")
+        return section[key]
+
+    for key in POSITIVE_INTEGERS:
+        if isinstance(value(key), bool) or not isinstance(value(key), int) or value(key) <= 0:
+            raise ConfigError(f"train.{key} must be a positive integer, got {value(key)!r}")
+    for key in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
+        number = value(key)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0 or (number == 0 and key in POSITIVE_FLOATS):
+            kind = "a positive number" if key in POSITIVE_FLOATS else "a non-negative number"
+            raise ConfigError(f"train.{key} must be {kind}, got {number!r}")
+    for key in BOOLEANS:
+        if not isinstance(value(key), bool):
+            raise ConfigError(f"train.{key} must be true or false, got {value(key)!r}")
+    for key in ("seed", "threads"):
+        if isinstance(value(key), bool) or not isinstance(value(key), int) or value(key) < 0:
+            raise ConfigError(f"train.{key} must be a non-negative integer, got {value(key)!r}")
+    MODELS.get(value("model"))
+    LOSSES.get(value("loss"))
+    resolve_device(value("device"))
+    return section
+
+
+def check_sampler_section(section: dict[str, Any]) -> dict[str, Any]:
+    """Validate the top-level ``sampler`` section: ``name``, ``seed``, ``<name>:`` options."""
+    if "name" not in section:
+        raise ConfigError("sampler.name is missing")
+    SAMPLERS.get(section["name"])
+    seed = section.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"sampler.seed must be a non-negative integer, got {seed!r}")
+    options = section.get(str(section["name"]).lower()) or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"sampler.{section['name']} must be a mapping of options, got {options!r}")
+    return section
+
+
+@app.command()
+def train(
+    dataset: Optional[str] = typer.Argument(None, help="mkg-w, mkg-y or db15k (default: params.yaml `dataset`)."),
+    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: models/<dataset>)."),
+    metrics: Path = typer.Option(Path("metrics/train.json"), help="Metrics JSON."),
+    plots: Path = typer.Option(Path("plots"), help="Directory of train_curve.csv/png and train_loss.csv."),
+    features: Optional[Path] = typer.Option(None, help="Feature caches text/ and visual/ for model-aware samplers (default: features/<dataset>)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Train a KGC model with a negative sampler; validate, keep the best, resume, stop early."""
+    every = load_params(params)
+    dataset = dataset or every.get("dataset")
+    config = check_train_section(load_params(params, "train"))
+    sampler_config = check_sampler_section(load_params(params, "sampler"))
+    graph = load_graph(data or Path("data") / str(dataset))
+    device = resolve_device(config["device"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+
+    model_name = config["model"]
+    model_config = {
+        "name": model_name,
+        "shared": {key: config[key] for key in ("dim", "gamma", "regularization")},
+        "options": config.get(model_name.lower()) or {},
+    }
+    torch.manual_seed(config["seed"])
+    model = build_model(model_name, graph, model_config["shared"], model_config["options"]).to(device)
+    sampler_name = sampler_config["name"]
+    sampler_options = sampler_config.get(str(sampler_name).lower()) or {}
+    sampler_class = SAMPLERS.get(sampler_name)
+    if hasattr(sampler_class, "from_params"):  # model-aware samplers (MMRNS): options, model, feature caches
+        features = features or Path("features") / str(dataset)
+        caches = {kind: load_features(features / kind) if (features / kind).is_dir() else None for kind in ("text", "visual")}
+        for kind in (kind for kind, cache in caches.items() if cache is None):
+            typer.echo(f"train: no {kind} feature cache at {features / kind}; the sampler sees that modality as missing", err=True)
+        sampler = sampler_class.from_params(graph, sampler_options, model, config["num_negatives"], sampler_config["seed"], caches["text"], caches["visual"])
+    else:
+        try:
+            sampler = sampler_class(graph, config["num_negatives"], sampler_config["seed"], **sampler_options)
+        except TypeError as error:
+            raise ConfigError(f"sampler.{sampler_name}: {error}") from None
+    sampler = sampler.to(device)
+    loss = build_loss(config["loss"], config["gamma"], config["adversarial_temperature"], config["self_adversarial"])
+    subsampling = SubsamplingWeights(graph.train, graph.num_entities, graph.num_relations).to(device) if config["subsampling"] else None
+    settings = TrainSettings(**{key: config[key] for key in ("steps", "batch_size", "lr", "sampler_lr", "valid_every", "patience", "seed", "log_every")})
+    fingerprint = {
+        "dataset": dataset,
+        "graph": [graph.num_entities, graph.num_relations, len(graph.train), len(graph.valid)],
+        "train": {key: value for key, value in config.items() if key != "steps"},
+        "sampler": {"name": sampler_name, "seed": sampler_config["seed"], "options": sampler_options},
+    }
+
+    def validate(trained) -> dict[str, float]:
+        return evaluate(trained, graph, "valid", batch_size=config["eval_batch_size"])["realistic"]["both"]
+
+    started = time.perf_counter()
+    result = fit(model, sampler, loss, graph, settings, out or Path("models") / str(dataset), validate, model_config, fingerprint, subsampling)
+    write_csv(plots / "train_curve.csv", result.history, ["step", "loss", "valid_mrr", "valid_hits@10"])
+    write_csv(plots / "train_loss.csv", result.losses, ["step", "loss"])
+    plot_training_curves(plots / "train_curve.png", result.history, result.losses)
+    write_json(
+        metrics,
+        {
+            "dataset": dataset,
+            "model": model_name,
+            "sampler": sampler_name,
+            "best_step": result.best.get("step"),
+            "valid": {key: value for key, value in result.best.items() if key != "step"},
+            "steps": result.step,
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(result.train_seconds, 2),
+            "wall_seconds": round(result.wall_seconds, 2),
+            "triples_per_second": round(result.triples_per_second, 1),
+        },
+    )
+    typer.echo(
+        f"train: {model_name} + {sampler_name}, {result.step} steps, best valid MRR {result.best.get('mrr', float('nan')):.4f} "
+        f"at step {result.best.get('step')}, {result.triples_per_second:.0f} triples/s, "
+        f"this session {time.perf_counter() - started:.0f} s"
+    )

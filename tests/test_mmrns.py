@@ -1,0 +1,422 @@
+"""MMRNS sampler (pipeline.samplers.mmrns, pipeline.samplers.kca) on small random graphs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline.errors import ConfigError
+from pipeline.features import Features
+from pipeline.graph import KnowledgeGraph
+from pipeline.losses import NegativeSamplingLoss
+from pipeline.models import MODELS
+from pipeline.samplers import SAMPLERS
+from pipeline.samplers.kca import LEAKY_SLOPE
+from pipeline.samplers.mmrns import (
+    MMRNSSampler,
+    _StraightThroughSelect,
+    exploration_factor,
+    grouped_cosine,
+    presample_count,
+)
+
+E, R, DIM, NEG = 80, 5, 12, 4
+IMAGE, TEXT = (24, 10), (4, 9)  # token counts as in the paper, small feature widths
+
+
+def random_graph(seed: int = 0, entities: int = E, triples: int = 600) -> KnowledgeGraph:
+    g = torch.Generator().manual_seed(seed)
+    train = torch.stack(
+        [torch.randint(entities, (triples,), generator=g), torch.randint(R, (triples,), generator=g),
+         torch.randint(entities, (triples,), generator=g)], 1,
+    )
+    return KnowledgeGraph(entities, R, train, train[:5], train[:5])
+
+
+def features(entities: int = E, seed: int = 1, missing: float = 0.2):
+    g = torch.Generator().manual_seed(seed)
+    text_mask = torch.rand(entities, generator=g) > missing
+    visual_mask = torch.rand(entities, generator=g) > missing
+    text = torch.randn(entities, *TEXT, generator=g) * text_mask.view(-1, 1, 1)
+    visual = torch.randn(entities, *IMAGE, generator=g) * visual_mask.view(-1, 1, 1)
+    return dict(text_features=text, text_mask=text_mask, visual_features=visual, visual_mask=visual_mask)
+
+
+def make(graph: KnowledgeGraph, seed: int = 3, feats: dict | None = None, **options) -> MMRNSSampler:
+    options.setdefault("presample_size", 0.5)
+    return MMRNSSampler(graph, NEG, seed, entity_dim=DIM, relation_dim=DIM, **(feats or features(graph.num_entities)), **options)
+
+
+def transe(graph: KnowledgeGraph, seed: int = 0):
+    torch.manual_seed(seed)
+    return MODELS.get("TransE")(graph.num_entities, graph.num_relations, DIM, 3.0)
+
+
+def kgc_loss(model, positives, negatives):
+    scores = model.score_negatives(positives, negatives.as_model_input(), negatives.corrupt_head)
+    return NegativeSamplingLoss(0.5, True)(model.score_triples(positives), scores), scores
+
+
+# -- reference: the equations written per row, without deduplication or factorisation -------
+def reference_kca(sampler, entities, relation, normalise_gated=True):
+    """Eqs. 1-6 directly for ``entities [N]`` under one ``relation [d_r]`` -> (visual [N, a], text [N, a])."""
+    kca = sampler.kca
+    image = F.leaky_relu(kca.visual_projection(sampler.visual_features[entities]), LEAKY_SLOPE)  # [N, 24, a]
+    words = F.leaky_relu(kca.text_projection(sampler.text_features[entities]), LEAKY_SLOPE)  # [N, 4, a]
+    cross = image @ words.transpose(1, 2)  # [N, 24, 4]
+    if sampler.uses_relation:
+        gate_i = torch.sigmoid(kca.visual_gate(relation)).view(24, 4)
+        gate_t = torch.sigmoid(kca.text_gate(relation)).view(24, 4)
+    else:
+        gate_i = gate_t = torch.ones(24, 4)
+    branch1 = torch.softmax(cross.transpose(1, 2), -1) @ image  # [N, 4, a]
+    branch2 = (cross * gate_i).transpose(1, 2) @ image
+    branch3 = (cross * gate_t) @ words  # [N, 24, a]
+    branch4 = torch.softmax(cross, -1) @ words
+    gated_norm = kca.norm if normalise_gated else (lambda x: x)
+    visual = kca.visual_output((kca.norm(branch1) + gated_norm(branch2)).flatten(1))
+    text = kca.text_output((kca.norm(branch4) + gated_norm(branch3)).flatten(1))
+    return visual, text
+
+
+def cosine(a, b):
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
+
+
+def reference_similarities(sampler, model, positives, candidates, corrupt_head):
+    out = {m: torch.empty(len(positives), len(candidates)) for m in ("structure", "text", "image")}
+    table = model.entity_representations(candidates)
+    for row, (h, r, t) in enumerate(positives.tolist()):
+        own = torch.tensor([h if corrupt_head[row] else t])
+        relation = model.relation_representations(torch.tensor(r))
+        mine = model.entity_representations(own)
+        parts = (lambda e: torch.cat([relation.expand(len(e), -1), e], 1)) if sampler.uses_relation else (lambda e: e)
+        structure = lambda e: e * torch.sigmoid(sampler.structure_mlp(parts(e)))  # noqa: E731  eq. 7
+        out["structure"][row] = cosine(structure(table), structure(mine))
+        cand_visual, cand_text = reference_kca(sampler, candidates, relation)
+        own_visual, own_text = reference_kca(sampler, own, relation, normalise_gated=not sampler.faithful)
+        out["image"][row], out["text"][row] = cosine(cand_visual, own_visual), cosine(cand_text, own_text)
+    return out
+
+
+# -- tests ------------------------------------------------------------------------------------
+def test_registered_and_exploration_schedule():
+    assert SAMPLERS.get("mmrns") is MMRNSSampler
+    assert exploration_factor(3.0, 0) == 3.0  # iter = step + 1 = 1, ln 1 = 0
+    for step in (1, 9, 99_999):
+        assert exploration_factor(3.0, step) == pytest.approx(3.0 / (1 + math.log(step + 1)))
+    assert presample_count(0.1, 15000) == 1500 and presample_count(0.1, 15001) == 1501 and presample_count(7, 10) == 7
+    for bad in (0.0, 1.5, 0, 11, "x", True):
+        with pytest.raises(ConfigError):
+            presample_count(bad, 10)
+
+
+@pytest.mark.parametrize("options", [{}, {"ablation": "no_rel"}, {"faithful": True}])
+def test_deduplicated_similarities_equal_per_row_computation(options):
+    graph = random_graph()
+    sampler, model = make(graph, **options), transe(graph)
+    for parameter in sampler.parameters():  # away from the zero-bias initialisation
+        torch.nn.init.normal_(parameter, std=0.2)
+    positives = graph.train[:14]
+    candidates = torch.randperm(E)[:25]
+    for corrupt in (False, True):
+        corrupt_head = torch.full((14,), corrupt)
+        fast = sampler.similarities(positives, candidates, corrupt_head, model)
+        reference = reference_similarities(sampler, model, positives, candidates, corrupt_head)
+        for modality, (sim, _) in fast.items():
+            torch.testing.assert_close(sim, reference[modality], atol=1e-5, rtol=0)
+
+
+def test_grouped_cosine_matches_per_row_cosine():
+    g = torch.Generator().manual_seed(0)
+    candidates, queries = torch.randn(9, 20, 7, generator=g), torch.randn(50, 7, generator=g)
+    group = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(9, (20,), generator=g)])  # skewed sizes
+    expected = torch.stack([cosine(candidates[group[b]], queries[b]) for b in range(50)])
+    torch.testing.assert_close(grouped_cosine(candidates, queries, group), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grouped_cosine(candidates[:1], queries, group), cosine(candidates[0][None], queries[:, None]))
+
+
+def test_straight_through_select_matches_one_hot_matmul():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 6, generator=g, requires_grad=True)
+    table = torch.randn(6, 5, generator=g, requires_grad=True)
+    index = torch.randint(6, (3, 4), generator=g)
+    weight = torch.randn(3, 4, 5, generator=g)
+    soft = logits.softmax(-1)
+    hard = F.one_hot(index, 6).float()
+    expected = (hard - soft.detach() + soft) @ table
+    grads = torch.autograd.grad((expected * weight).sum(), (logits, table))
+    actual = _StraightThroughSelect.apply(logits.softmax(-1), index, table)
+    assert torch.equal(actual, table[index])
+    for mine, theirs in zip(torch.autograd.grad((actual * weight).sum(), (logits, table)), grads):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_kgc_loss_reaches_kca_parameters_through_the_sample():
+    graph = random_graph()
+    for detach in (False, True):
+        sampler, model = make(graph, kgc_grad_to_sampler=not detach), transe(graph)
+        positives = graph.train[:16]
+        negatives = sampler.sample(positives, model, step=0)
+        loss, _ = kgc_loss(model, positives, negatives)
+        loss.backward()  # the KGC loss only, no contrastive term
+        kca_grads = [p.grad for p in sampler.kca.parameters()]
+        reached = any(g is not None and g.abs().sum() > 0 for g in kca_grads)
+        assert reached is not detach
+        assert model.entities.weight.grad is not None  # the embeddings still learn
+
+
+def test_no_known_positive_is_drawn_and_draws_are_distinct():
+    # A dense graph: every query has many known answers.
+    graph = random_graph(entities=40, triples=1500)
+    sampler, model = make(graph, presample_size=0.75), transe(graph)
+    known = {tuple(t) for t in graph.train.tolist()}
+    for step in range(6):
+        positives = graph.train[step * 50 : (step + 1) * 50]
+        negatives = sampler.sample(positives, model, step)
+        assert bool(negatives.corrupt_head.all()) == (step % 2 == 1)
+        for (h, r, t), ids, head in zip(positives.tolist(), negatives.ids.tolist(), negatives.corrupt_head.tolist()):
+            assert len(set(ids)) == NEG
+            corrupted = [(e, r, t) if head else (h, r, e) for e in ids]
+            assert not any(c in known for c in corrupted)
+
+
+def test_exhausted_rows_fall_back_to_non_positive_entities():
+    # Query (0, 0, ?) has every tail except 5 entities; the pre-sample (10) cannot hold 4 non-answers often.
+    entities = 30
+    outside = [25, 26, 27, 28, 29]
+    train = torch.tensor([[0, 0, t] for t in range(entities) if t not in outside] + [[1, 1, 2]])
+    graph = KnowledgeGraph(entities, R, train, train[:1], train[:1])
+    sampler, model = make(graph, feats=features(entities), presample_size=10), transe(graph)
+    positives = train[:1].repeat(3, 1)
+    for step in (0, 2, 4):  # tail corruption
+        negatives = sampler.sample(positives, model, step)
+        for ids in negatives.ids.tolist():
+            assert len(set(ids)) == NEG and set(ids) <= set(outside)
+        loss, scores = kgc_loss(model, positives, negatives)
+        total = loss + sampler.auxiliary_loss(positives, negatives, scores, model)
+        total.backward()
+        assert torch.isfinite(total)
+
+
+def test_sampling_probabilities_follow_eq_12_with_modality_masks():
+    graph = random_graph()
+    g = torch.Generator().manual_seed(0)
+    sims = {m: torch.rand(3, 6, generator=g) * 2 - 1 for m in ("structure", "text", "image")}
+    valid = {
+        "structure": torch.ones(3, 6, dtype=torch.bool),
+        "text": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool),
+        "image": torch.ones(3, 6, dtype=torch.bool),
+    }
+    inputs = {m: (sims[m], valid[m]) for m in sims}
+    step, eps0 = 7, 3.0
+    eps = eps0 / (1 + math.log(step + 1))
+    for faithful in (False, True):
+        sampler = make(graph, eps0=eps0, faithful=faithful)
+        p = sampler.log_probabilities(inputs, step).exp()
+        for row in range(3):
+            mixture, active = torch.zeros(6), 0
+            for m in sims:
+                if valid[m][row].any():
+                    logits = (sims[m][row] / eps).masked_fill(~valid[m][row], -math.inf)
+                    mixture += logits.softmax(0)
+                    active += 1
+            expected = mixture if faithful else mixture / active
+            torch.testing.assert_close(p[row], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_candidates_without_the_only_modality_are_never_drawn():
+    graph = random_graph()
+    feats = features(missing=0.5)
+    sampler, model = make(graph, feats=feats, modalities=["image"]), transe(graph)
+    has_image = feats["visual_mask"]
+    positives = graph.train[:40]
+    own = positives[:, 2]
+    negatives = sampler.sample(positives, model, step=0)
+    rows_with_image = has_image[own]
+    assert bool(has_image[negatives.ids[rows_with_image]].all())
+    # Zeros of a missing image are not content: changing them changes nothing.
+    other = dict(feats, visual_features=feats["visual_features"] + 5.0 * (~has_image).view(-1, 1, 1))
+    changed = make(graph, feats=other, modalities=["image"])
+    changed.load_state_dict(sampler.state_dict())
+    changed.generator.manual_seed(3)
+    sampler.generator.manual_seed(3)
+    a, b = sampler.sample(positives, model, 0), changed.sample(positives, model, 0)
+    assert torch.equal(a.ids[rows_with_image], b.ids[rows_with_image])
+
+
+def contrastive_by_hand(sims, known, own, positions, scores, alpha, num_entities, pooled):
+    log_w = torch.full(known.shape, -math.log(num_entities))
+    for row in range(known.shape[0]):
+        log_w[row, positions[row]] = torch.log_softmax(alpha * scores[row], 0)
+    pos, neg = known & ~own, ~known
+    if pooled:
+        return -(torch.logsumexp((log_w + sims)[pos], 0) - torch.logsumexp((log_w + sims)[neg], 0))
+    losses = [
+        -(torch.logsumexp((log_w + sims)[row][pos[row]], 0) - torch.logsumexp((log_w + sims)[row][neg[row]], 0))
+        for row in range(known.shape[0]) if pos[row].any()
+    ]
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_contrastive_loss_matches_eqs_9_to_11(faithful):
+    graph = random_graph(entities=40, triples=1500)  # many positives per query
+    feats = features(40, missing=0.0)  # every modality present: valid everywhere
+    sampler, model = make(graph, feats=feats, faithful=faithful, beta=0.5, presample_size=0.75), transe(graph)
+    positives = graph.train[:20]
+    negatives = sampler.sample(positives, model, step=0)
+    _, scores = kgc_loss(model, positives, negatives)
+    ctx = sampler._context
+    loss = sampler.auxiliary_loss(positives, negatives, scores, model)
+    per_modality = []
+    for sim, valid in ctx.similarities.values():
+        assert bool(valid.all())
+        per_modality.append(
+            contrastive_by_hand(sim.detach(), ctx.known, ctx.own, ctx.positions, scores.detach(), 0.5, 40, faithful)
+        )
+    torch.testing.assert_close(loss.detach(), 0.5 * torch.stack(per_modality).mean())
+
+
+def test_contrastive_loss_is_finite_without_positive_in_the_presample():
+    # Every query has exactly one answer (its own entity), so the pre-sample holds no positive.
+    entities = 50
+    train = torch.tensor([[i, i % R, (i + 1) % entities] for i in range(entities)])
+    graph = KnowledgeGraph(entities, R, train, train[:2], train[:2])
+    for faithful in (False, True):
+        sampler, model = make(graph, feats=features(entities), faithful=faithful), transe(graph)
+        positives = train[:16]
+        negatives = sampler.sample(positives, model, step=1)
+        loss, scores = kgc_loss(model, positives, negatives)
+        auxiliary = sampler.auxiliary_loss(positives, negatives, scores, model)
+        assert auxiliary.item() == 0.0
+        (loss + auxiliary).backward()
+        for parameter in list(sampler.parameters()) + list(model.parameters()):
+            if parameter.grad is not None:
+                grad = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad
+                assert torch.isfinite(grad).all()
+
+
+def test_ablation_no_rel_makes_everything_relation_free():
+    graph = random_graph()
+    model = transe(graph)
+    positives = graph.train[:20]
+    other = positives.clone()
+    other[:, 1] = (other[:, 1] + 1) % R
+    candidates = torch.arange(0, E, 3)
+    head = torch.zeros(20, dtype=torch.bool)
+    for ablation, independent in (("none", False), ("no_rel", True)):
+        sampler = make(graph, ablation=ablation)
+        for parameter in sampler.parameters():
+            torch.nn.init.normal_(parameter, std=0.2)
+        a = sampler.similarities(positives, candidates, head, model)
+        b = sampler.similarities(other, candidates, head, model)
+        for modality in a:
+            assert torch.allclose(a[modality][0], b[modality][0], atol=1e-6) is independent
+    no_rel = make(graph, ablation="no_rel")
+    assert no_rel.kca.visual_gate is None and no_rel.structure_mlp[0].in_features == DIM
+
+
+def test_ablation_no_kca_replaces_only_the_multimodal_encoder():
+    graph = random_graph()
+    model = transe(graph)
+    full, plain = make(graph), make(graph, ablation="no_kca")
+    assert plain.kca is None and not any("kca" in name for name, _ in plain.named_parameters())
+    plain.structure_mlp.load_state_dict(full.structure_mlp.state_dict())
+    positives, candidates = graph.train[:12], torch.arange(0, E, 2)
+    head = torch.zeros(12, dtype=torch.bool)
+    a = full.similarities(positives, candidates, head, model)
+    b = plain.similarities(positives, candidates, head, model)
+    torch.testing.assert_close(a["structure"][0], b["structure"][0])  # untouched
+    pooled = plain.visual_pooled(plain.visual_features[candidates].mean(1))
+    own = plain.visual_pooled(plain.visual_features[positives[:, 2]].mean(1))
+    torch.testing.assert_close(b["image"][0], cosine(pooled[None], own[:, None]), atol=1e-6, rtol=0)
+    loss, scores = kgc_loss(model, positives, plain.sample(positives, model, 0))
+    assert loss.isfinite()
+
+
+def test_ablation_no_css_drops_only_the_contrastive_term():
+    graph = random_graph(entities=40, triples=1500)
+    model = transe(graph)
+    sampler = make(graph, ablation="no_css")
+    positives = graph.train[:16]
+    negatives = sampler.sample(positives, model, 0)
+    loss, scores = kgc_loss(model, positives, negatives)
+    assert sampler.auxiliary_loss(positives, negatives, scores, model) is None
+    loss.backward()  # the KGC loss still trains the sampler through the straight-through sample
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sampler.kca.parameters())
+    full = make(graph)
+    negatives = full.sample(positives, model, 0)
+    _, scores = kgc_loss(model, positives, negatives)
+    assert full.auxiliary_loss(positives, negatives, scores, model).item() > 0
+
+
+def test_modality_switches():
+    graph = random_graph()
+    model = transe(graph)
+    head = torch.zeros(6, dtype=torch.bool)
+    for modalities in (["structure"], ["text"], ["image", "text"]):
+        sampler = make(graph, modalities=modalities)
+        sims = sampler.similarities(graph.train[:6], torch.arange(10), head, model)
+        assert set(sims) == set(modalities)
+    with pytest.raises(ConfigError):
+        make(graph, modalities=["sound"])
+    with pytest.raises(ConfigError):
+        make(graph, ablation="no_everything")
+
+
+def test_resume_reproduces_draws_and_updates():
+    graph = random_graph()
+
+    def fresh():
+        model, sampler = transe(graph), make(graph)
+        groups = [{"params": [p for p in model.parameters()], "lr": 1e-2}, {"params": list(sampler.parameters()), "lr": 1e-2}]
+        return model, sampler, torch.optim.SGD(groups)
+
+    def train_step(model, sampler, optimizer, step):
+        positives = graph.train[step * 16 : (step + 1) * 16]
+        negatives = sampler.sample(positives, model, step)
+        loss, scores = kgc_loss(model, positives, negatives)
+        loss = loss + sampler.auxiliary_loss(positives, negatives, scores, model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return negatives.ids
+
+    model, sampler, optimizer = fresh()
+    for step in range(3):
+        train_step(model, sampler, optimizer, step)
+    saved = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.state_dict().items()} for k, s in
+             (("model", model), ("sampler", sampler))}
+    model2, sampler2, optimizer2 = fresh()
+    model2.load_state_dict(saved["model"])
+    sampler2.load_state_dict(saved["sampler"])
+    for step in range(3, 6):
+        assert torch.equal(train_step(model, sampler, optimizer, step), train_step(model2, sampler2, optimizer2, step))
+    for a, b in zip(sampler.parameters(), sampler2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_from_params_reads_feature_caches():
+    graph = random_graph()
+    model = transe(graph)
+    feats = features()
+    text = Features(feats["text_features"].numpy().astype(np.float16), feats["text_mask"].numpy(),
+                    np.ones(E, dtype=np.int32), {})
+    params = {"presample_size": 0.25, "eps0": 1.0, "beta": 0.005, "attention_dim": 8,
+              "structure_hidden": 10, "adversarial_temperature": 0.5, "faithful": False, "ablation": "none",
+              "modalities": ["structure", "text", "image"], "kgc_grad_to_sampler": True}
+    sampler = MMRNSSampler.from_params(graph, params, model, NEG, 0, text, None)
+    assert sampler.presample == 20 and sampler.kca.attention_dim == 8
+    assert not sampler.visual_mask.any() and sampler.visual_features.shape == (E, 24, 383)
+    positives = graph.train[:8]
+    negatives = sampler.sample(positives, model, 0)
+    assert negatives.ids.shape == (8, NEG)
+    assert set(sampler._context.similarities) == {"structure", "text", "image"}
+    assert not sampler._context.similarities["image"][1].any()  # no image anywhere: never compared
+    assert "visual_features" not in sampler.state_dict()  # features are not checkpointed
+    with pytest.raises(ConfigError):
+        MMRNSSampler.from_params(graph, dict(params, eps=1.0), model, NEG, 0, text, None)
