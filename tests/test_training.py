@@ -257,3 +257,38 @@ def test_train_stage_reports_config_errors(tmp_path):
     result = run_stage(tmp_path, batch_size="abc")
     assert result.exit_code != 0
     assert "train.batch_size must be a positive integer, got 'abc'" in str(result.exception)
+
+
+def test_train_stage_with_mmrns_sampler_checkpoints_and_resumes(tmp_path):
+    """The stage builds MMRNS through its factory (no feature caches: structure only),
+    trains, stores the sampler's parameters in last.pt, and resumes from them."""
+    write_canonical(tmp_path / "data", small_graph())
+    params = params_file()
+    params["sampler"].update({"name": "mmrns"})
+    params["sampler"]["mmrns"].update({"presample_size": 10})
+    base = dict(params)
+
+    def run(steps: int):
+        from typer.testing import CliRunner
+
+        from stages import app
+
+        base["train"] = dict(params["train"], dim=8, batch_size=16, steps=steps, valid_every=10, log_every=5,
+                             device="cpu", num_negatives=4)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
+        return CliRunner().invoke(app, [
+            "train", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "models"),
+            "--metrics", str(tmp_path / "metrics" / "train.json"), "--plots", str(tmp_path / "plots"),
+            "--features", str(tmp_path / "no-features"), "--params", str(tmp_path / "params.yaml")])
+
+    first = run(20)
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["sampler"] == "mmrns"
+    checkpoint = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
+    sampler_weights = [k for k in checkpoint["sampler"] if k.endswith("weight")]
+    assert sampler_weights, "the sampler's trainable parameters must be in the checkpoint"
+    assert len(checkpoint["optimizer"]["param_groups"]) == 2  # model lr and sampler_lr
+
+    again = run(30)  # same config, more steps: resumes at 20
+    assert again.exit_code == 0, again.output
+    assert list(pd.read_csv(tmp_path / "plots" / "train_curve.csv")["step"]) == [10, 20, 30]
