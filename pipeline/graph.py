@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from pipeline.errors import DataError
+from pipeline.tables import read_table
 
 SPLITS = ("train", "valid", "test")
 CATEGORIES = ("1-1", "1-n", "n-1", "n-n")
@@ -58,21 +58,15 @@ class KnowledgeGraph:
 
 def read_triples(path: Path) -> torch.Tensor:
     """Read a canonical triple table ``[N, 3]`` (head, relation, tail)."""
-    if not path.is_file():
-        raise DataError(path, "missing file (run the download stage first)")
-    frame = pd.read_parquet(path, columns=TRIPLE_COLUMNS)
+    frame = read_table(path, TRIPLE_COLUMNS, "download")
     return torch.from_numpy(frame.to_numpy(dtype="int64").copy())
 
 
 def load_graph(directory: str | Path) -> KnowledgeGraph:
     """Load a canonical dataset directory into a :class:`KnowledgeGraph`."""
     directory = Path(directory)
-    entities_path, relations_path = directory / "entities.parquet", directory / "relations.parquet"
-    for path in (entities_path, relations_path):
-        if not path.is_file():
-            raise DataError(path, "missing file (run the download stage first)")
-    entities = pd.read_parquet(entities_path, columns=["id", "label"]).sort_values("id")
-    relations = pd.read_parquet(relations_path, columns=["id", "label"]).sort_values("id")
+    entities = read_table(directory / "entities.parquet", ["id", "label"], "download").sort_values("id")
+    relations = read_table(directory / "relations.parquet", ["id", "label"], "download").sort_values("id")
     splits = {name: read_triples(directory / f"{name}.parquet") for name in SPLITS}
     categories = {
         c: read_triples(directory / category_file(c)) for c in CATEGORIES if (directory / category_file(c)).is_file()

@@ -2,8 +2,9 @@
 ``params.yaml``, resolve file locations, and call into :mod:`pipeline`."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import typer
 import yaml
@@ -25,6 +26,18 @@ def pipeline_stages() -> None:
 
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="The params file to read.")
+
+
+@contextlib.contextmanager
+def section_errors(section: str) -> Iterator[None]:
+    """Turn a missing key or a value of the wrong type met while reading the params section
+    ``section`` into a ConfigError that names the section."""
+    try:
+        yield
+    except KeyError as error:
+        raise ConfigError(f"{section}: missing key {error.args[0]!r}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{section}: bad value: {error}") from None
 
 
 def load_params(path: Path, section: str | None = None) -> Any:

@@ -6,15 +6,14 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import ConfigError
 from pipeline.features.inputs import count_entities, read_entity_media
 from pipeline.features.text import TextSettings, extract_text
-from stages import PARAMS_OPTION, app, load_params
+from stages import PARAMS_OPTION, app, load_params, section_errors
 
 
 def text_settings(section: dict) -> TextSettings:
     """The ``extract_text`` params section as :class:`TextSettings`."""
-    try:
+    with section_errors("extract_text"):
         return TextSettings(
             model=str(section["model"]),
             max_sentences=int(section["max_sentences"]),
@@ -22,10 +21,6 @@ def text_settings(section: dict) -> TextSettings:
             dtype=str(section["dtype"]),
             seed=int(section["seed"]),
         )
-    except KeyError as error:
-        raise ConfigError(f"extract_text: missing key {error.args[0]!r}") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"extract_text: bad value: {error}") from None
 
 
 @app.command("extract-text")

@@ -6,15 +6,14 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import ConfigError
 from pipeline.features.inputs import count_entities, read_entity_media
 from pipeline.features.visual import VisualSettings, extract_visual
-from stages import PARAMS_OPTION, app, load_params
+from stages import PARAMS_OPTION, app, load_params, section_errors
 
 
 def visual_settings(section: dict) -> VisualSettings:
     """The ``extract_visual`` params section as :class:`VisualSettings`."""
-    try:
+    with section_errors("extract_visual"):
         return VisualSettings(
             model=str(section["model"]),
             hidden_shape=tuple(int(size) for size in section["hidden_shape"]),
@@ -26,10 +25,6 @@ def visual_settings(section: dict) -> VisualSettings:
             seed=int(section["seed"]),
             checkpoint_seconds=float(section["checkpoint_seconds"]),
         )
-    except KeyError as error:
-        raise ConfigError(f"extract_visual: missing key {error.args[0]!r}") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"extract_visual: bad value: {error}") from None
 
 
 @app.command("extract-visual")

@@ -30,7 +30,8 @@ from pipeline.crawl.images import ImageConfig, ImageRejected, normalise_image, s
 from pipeline.crawl.manifest import Manifest
 from pipeline.crawl.sources import (CsvManifest, DbpediaAbstracts, DbpediaImages, EntityRef, LocalFolder,
                                     LookupSource, WikidataImages)
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError
+from pipeline.tables import read_table
 
 WEB_SOURCES = ("dbpedia-abstract", "dbpedia-image", "wikidata-p18")
 LOCAL_SOURCES = ("local-folder", "csv")
@@ -112,13 +113,7 @@ class CrawlSummary:
 
 def read_entities(path: Path) -> pd.DataFrame:
     """``entities.parquet`` of the download stage, with the columns the crawl uses."""
-    if not path.is_file():
-        raise DataError(path, "entities file not found (run the download stage first)")
-    table = pd.read_parquet(path)
-    missing = [c for c in ENTITY_COLUMNS if c not in table.columns]
-    if missing:
-        raise DataError(path, f"missing columns {missing}")
-    return table
+    return read_table(path, ENTITY_COLUMNS, "download", all_columns=True)
 
 
 def _refs(entities: pd.DataFrame, links: dict[int, str]) -> list[EntityRef]:

@@ -8,14 +8,12 @@ import pandas as pd
 
 from pipeline.errors import DataError
 from pipeline.media import MEDIA_COLUMNS
+from pipeline.tables import read_table
 
 
 def count_entities(entities_file: str | Path) -> int:
     """Number of entities ``E`` of a canonical ``entities.parquet`` (ids 0..E-1)."""
-    entities_file = Path(entities_file)
-    if not entities_file.is_file():
-        raise DataError(entities_file, "file not found; run the download stage")
-    ids = pd.read_parquet(entities_file, columns=["id"])["id"]
+    ids = read_table(entities_file, ["id"], "download")["id"]
     if not ids.sort_values().reset_index(drop=True).equals(pd.Series(range(len(ids)), dtype=ids.dtype)):
         raise DataError(entities_file, "column 'id' is not 0..E-1")
     return len(ids)
@@ -32,13 +30,7 @@ class EntityMedia:
 def read_entity_media(media_file: str | Path, num_entities: int) -> EntityMedia:
     """The align stage's ``entities_media.parquet`` as one entry per entity ``0..E-1``;
     entities without a row get empty lists."""
-    media_file = Path(media_file)
-    if not media_file.is_file():
-        raise DataError(media_file, "file not found; run the align stage")
-    media = pd.read_parquet(media_file)
-    missing = [column for column in MEDIA_COLUMNS if column not in media.columns]
-    if missing:
-        raise DataError(media_file, f"missing columns {missing}; expected {list(MEDIA_COLUMNS)}")
+    media = read_table(media_file, MEDIA_COLUMNS, "align")
     sentences: list[list[str]] = [[] for _ in range(num_entities)]
     image_hashes: list[list[str]] = [[] for _ in range(num_entities)]
     seen: set[int] = set()
