@@ -110,6 +110,8 @@ def train(
         for kind in (kind for kind, cache in caches.items() if cache is None):
             typer.echo(f"train: no {kind} feature cache at {features / kind}; the sampler sees that modality as missing", err=True)
         sampler = sampler_class.from_params(graph, sampler_options, model, config["num_negatives"], sampler_config["seed"], caches["text"], caches["visual"])
+        for modality in getattr(sampler, "absent_modalities", ()):
+            typer.echo(f"train: no entity has the {modality} modality; the sampler does not use it", err=True)
     else:
         try:
             sampler = sampler_class(graph, config["num_negatives"], sampler_config["seed"], **sampler_options)

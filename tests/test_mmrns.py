@@ -368,6 +368,34 @@ def test_modality_switches():
         make(graph, ablation="no_everything")
 
 
+def test_modality_no_entity_has_is_skipped_with_identical_draws_and_losses():
+    graph = random_graph()
+    feats = features(graph.num_entities)
+    feats["visual_mask"] = torch.zeros_like(feats["visual_mask"])  # offline: no image crawled
+    feats["visual_features"] = torch.zeros_like(feats["visual_features"])
+    skipped = make(graph, feats=feats)
+    assert skipped.modalities == ("structure", "text") and skipped.absent_modalities == ("image",)
+    explicit = make(graph, feats=feats, modalities=["structure", "text"])
+    explicit.load_state_dict(skipped.state_dict())
+    positives = graph.train[:16]
+    results = []
+    for sampler in (skipped, explicit):
+        model = transe(graph)
+        negatives = sampler.sample(positives, model, 5)
+        loss, scores = kgc_loss(model, positives, negatives)
+        loss = loss + sampler.auxiliary_loss(positives, negatives, scores, model)
+        loss.backward()
+        results.append((negatives.ids, loss.detach(), sampler.kca.text_projection.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1]) and torch.allclose(results[0][2], results[1][2])
+
+    only_image = make(graph, feats=feats, modalities=["image"])  # nothing left: uniform over the pre-sample
+    assert only_image.modalities == () and only_image.absent_modalities == ("image",)
+    negatives = only_image.sample(positives, transe(graph), 0)
+    known = only_image.known_positives.corruptions_known(positives, negatives.ids, negatives.corrupt_head)
+    assert not known.any() and all(len(set(row.tolist())) == NEG for row in negatives.ids)
+
+
 def test_resume_reproduces_draws_and_updates():
     graph = random_graph()
 
@@ -415,8 +443,8 @@ def test_from_params_reads_feature_caches():
     positives = graph.train[:8]
     negatives = sampler.sample(positives, model, 0)
     assert negatives.ids.shape == (8, NEG)
-    assert set(sampler._context.similarities) == {"structure", "text", "image"}
-    assert not sampler._context.similarities["image"][1].any()  # no image anywhere: never compared
+    assert set(sampler._context.similarities) == {"structure", "text"}  # no image anywhere: not computed
+    assert sampler.absent_modalities == ("image",)
     assert "visual_features" not in sampler.state_dict()  # features are not checkpointed
     with pytest.raises(ConfigError):
         MMRNSSampler.from_params(graph, dict(params, eps=1.0), model, NEG, 0, text, None)

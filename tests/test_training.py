@@ -283,6 +283,8 @@ def test_train_stage_with_mmrns_sampler_checkpoints_and_resumes(tmp_path):
 
     first = run(20)
     assert first.exit_code == 0, first.output
+    for modality in ("text", "image"):
+        assert f"no entity has the {modality} modality; the sampler does not use it" in first.output
     assert json.loads((tmp_path / "metrics" / "train.json").read_text())["sampler"] == "mmrns"
     checkpoint = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
     sampler_weights = [k for k in checkpoint["sampler"] if k.endswith("weight")]

@@ -48,7 +48,10 @@ Decisions where the paper is silent:
   it); a row whose positive lacks it drops that modality from its mixture (the mean is
   over the modalities available to the row; a row with none samples uniformly).
   Candidates with no available modality are not drawn. The modality's contrastive term
-  uses only valid candidates. An entity without image still has a text representation
+  uses only valid candidates. A requested modality that no entity has (offline: no image
+  was crawled) would be unavailable to every row, so it is not computed at all
+  (``absent_modalities``; same draws and losses, half the KCA cost); with none left, the
+  sampler draws uniformly from the pre-sample. An entity without image still has a text representation
   from KCA with all-zero image tokens (as the script); only the zero *image* is never
   compared as content. Padding sentences (rows beyond the entity's count) are zero, as in
   the script.
@@ -271,7 +274,9 @@ class MMRNSSampler(NegativeSampler):
             raise ConfigError(f"sampler.mmrns.presample_size gives {self.presample} candidates < {num_negatives} negatives")
         self.eps0, self.beta, self.alpha = float(eps0), float(beta), float(adversarial_temperature)
         self.faithful, self.ablation, self.kgc_grad_to_sampler = bool(faithful), ablation, bool(kgc_grad_to_sampler)
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        present = {"structure": True, "text": bool(text_mask.any()), "image": bool(visual_mask.any())}
+        self.modalities = tuple(m for m in MODALITIES if m in modalities and present[m])  # computed
+        self.absent_modalities = tuple(m for m in MODALITIES if m in modalities and not present[m])  # no entity has it
         self.uses_relation = ablation != "no_rel"
         self.known_positives = KnownPositives(graph.train, graph.num_entities, graph.num_relations)
         self.register_buffer("text_features", text_features, persistent=False)
@@ -423,7 +428,8 @@ class MMRNSSampler(NegativeSampler):
         own = candidates.unsqueeze(0) == own_entity.unsqueeze(1)  # [B, P]
         known = self.known_positives.corruptions_known(positives, candidates.expand(batch, -1), corrupt_head) | own
         similarities = self.similarities(positives, candidates, corrupt_head, model)
-        logits = self.log_probabilities(similarities, step) + LOG_MASK * known  # eq. 13 before the noise
+        log_p = self.log_probabilities(similarities, step) if similarities else torch.zeros(known.shape, device=device)
+        logits = log_p + LOG_MASK * known  # eq. 13 before the noise
         eligible = ~known
         if similarities:  # a candidate with no available modality is not drawn (p = 0)
             has_any = torch.stack([v for _, v in similarities.values()]).any(0)
