@@ -22,7 +22,7 @@ from pipeline.graph import load_graph
 from pipeline.losses import LOSSES, SubsamplingWeights, build_loss
 from pipeline.models import MODELS, build_model
 from pipeline.plots import plot_training_curves, write_csv
-from pipeline.samplers import SAMPLERS
+from pipeline.samplers import SAMPLERS, build_sampler
 from pipeline.training import TrainSettings, fit, resolve_device
 from stages import PARAMS_OPTION, app, load_params
 
@@ -103,20 +103,15 @@ def train(
     model = build_model(model_name, graph, model_config["shared"], model_config["options"]).to(device)
     sampler_name = sampler_config["name"]
     sampler_options = sampler_config.get(str(sampler_name).lower()) or {}
-    sampler_class = SAMPLERS.get(sampler_name)
-    if hasattr(sampler_class, "from_params"):  # model-aware samplers (MMRNS): options, model, feature caches
+    caches: dict[str, Any] = {"text": None, "visual": None}
+    if hasattr(SAMPLERS.get(sampler_name), "from_params"):  # model-aware samplers (MMRNS) read the feature caches
         features = features or Path("features") / str(dataset)
-        caches = {kind: load_features(features / kind) if (features / kind).is_dir() else None for kind in ("text", "visual")}
+        caches = {kind: load_features(features / kind) if (features / kind).is_dir() else None for kind in caches}
         for kind in (kind for kind, cache in caches.items() if cache is None):
             typer.echo(f"train: no {kind} feature cache at {features / kind}; the sampler sees that modality as missing", err=True)
-        sampler = sampler_class.from_params(graph, sampler_options, model, config["num_negatives"], sampler_config["seed"], caches["text"], caches["visual"])
-        for modality in getattr(sampler, "absent_modalities", ()):
-            typer.echo(f"train: no entity has the {modality} modality; the sampler does not use it", err=True)
-    else:
-        try:
-            sampler = sampler_class(graph, config["num_negatives"], sampler_config["seed"], **sampler_options)
-        except TypeError as error:
-            raise ConfigError(f"sampler.{sampler_name}: {error}") from None
+    sampler = build_sampler(sampler_name, sampler_options, graph, model, config["num_negatives"], sampler_config["seed"], **caches)
+    for modality in getattr(sampler, "absent_modalities", ()):
+        typer.echo(f"train: no entity has the {modality} modality; the sampler does not use it", err=True)
     sampler = sampler.to(device)
     loss = build_loss(config["loss"], config["gamma"], config["adversarial_temperature"], config["self_adversarial"])
     subsampling = SubsamplingWeights(graph.train, graph.num_entities, graph.num_relations).to(device) if config["subsampling"] else None

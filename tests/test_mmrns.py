@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 from pipeline.features import Features
 from pipeline.graph import KnowledgeGraph
 from pipeline.losses import NegativeSamplingLoss
-from pipeline.models import MODELS
+from pipeline.models import MODELS, build_model
 from pipeline.samplers import SAMPLERS
 from pipeline.samplers.kca import LEAKY_SLOPE
 from pipeline.samplers.mmrns import (
@@ -426,6 +426,28 @@ def test_resume_reproduces_draws_and_updates():
         assert torch.equal(train_step(model, sampler, optimizer, step), train_step(model2, sampler2, optimizer2, step))
     for a, b in zip(sampler.parameters(), sampler2.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_works_with_every_kgc_model(name):
+    """Each model's own representations (GC-OTE: [K, s, s + 1] relation blocks) feed eqs. 5 and 7;
+    the straight-through negatives score as their ids, and the KGC loss reaches the sampler."""
+    graph = random_graph()
+    torch.manual_seed(0)
+    model = build_model(name, graph, {"dim": DIM, "gamma": 3.0, "regularization": 0.0}, {})
+    feats = features()
+    as_cache = lambda values, mask: Features(values.numpy(), mask.numpy(), mask.numpy().astype(np.int32), {})  # noqa: E731
+    sampler = MMRNSSampler.from_params(
+        graph, {"presample_size": 0.5, "attention_dim": 8}, model, NEG, 0,
+        as_cache(feats["text_features"], feats["text_mask"]), as_cache(feats["visual_features"], feats["visual_mask"]),
+    )
+    positives = graph.train[:12]
+    negatives = sampler.sample(positives, model, 1)
+    loss, scores = kgc_loss(model, positives, negatives)
+    assert torch.allclose(scores, model.score_negatives(positives, negatives.ids, negatives.corrupt_head), atol=1e-5)
+    (loss + sampler.auxiliary_loss(positives, negatives, scores, model)).backward()
+    for parameter in (sampler.structure_mlp[0].weight, sampler.kca.text_gate.weight, sampler.kca.visual_projection.weight):
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
 
 
 def test_from_params_reads_feature_caches():

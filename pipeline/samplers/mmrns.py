@@ -152,6 +152,15 @@ class _StraightThroughSelect(torch.autograd.Function):
         return grad_soft, None, grad_table
 
 
+def relation_vectors(model: KGCModel, ids: torch.Tensor) -> torch.Tensor:
+    """``[R, d_r]``: the model's relation representations of ``ids [R]`` as flat real vectors
+    (GC-OTE's are ``[K, s, s + 1]`` blocks; complex ones are split into real and imaginary parts)."""
+    relations = model.relation_representations(ids)
+    if relations.is_complex():
+        relations = torch.view_as_real(relations)
+    return relations.reshape(len(ids), -1)
+
+
 def bucket_widths(sizes: torch.Tensor) -> torch.Tensor:
     """Group sizes ``[G]`` rounded up to a power of two (the padded block width of :func:`grouped_cosine`)."""
     return torch.pow(2, torch.ceil(torch.log2(sizes.clamp_min(1).double()))).long()
@@ -329,7 +338,7 @@ class MMRNSSampler(NegativeSampler):
         probe = torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)
         with torch.no_grad():
             entity_dim = model.entity_representations(probe).shape[-1]
-            relation_dim = model.relation_representations(probe).shape[-1]
+            relation_dim = relation_vectors(model, probe).shape[-1]
         text_values, text_mask = _feature_tensors(text, graph.num_entities, (4, 384))
         visual_values, visual_mask = _feature_tensors(visual, graph.num_entities, (24, 383))
         return cls(
@@ -348,7 +357,7 @@ class MMRNSSampler(NegativeSampler):
             relation_ids, group = relation_groups(positives[:, 1])  # [R_b], [B]
         else:
             relation_ids, group = positives[:1, 1], torch.zeros_like(own)
-        relations = model.relation_representations(relation_ids)  # [R_b, d_r]
+        relations = relation_vectors(model, relation_ids)  # [R_b, d_r]
         row_relations = relations[group]  # [B, d_r]
         result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if "structure" in self.modalities:
