@@ -34,7 +34,7 @@ import json
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from pipeline.crawl.http import FetchError, HttpClient
 from pipeline.errors import DataError
@@ -152,6 +152,25 @@ def _split_linked(batch: list[EntityRef], attribute: str, what: str) -> tuple[li
     return linked, result
 
 
+def _select_linked(
+    sparql: _Sparql, batch: list[EntityRef], query_for: Callable[[str], str]
+) -> tuple[list[EntityRef], dict[str, list[EntityRef]], list[dict] | None, LookupResult]:
+    """Run ``query_for(values)`` (``values``: the batch's DBpedia URIs as SPARQL ``<uri>`` terms).
+
+    Returns the linked entities, their URI index, the bindings, and the result so far; the
+    bindings are None when no entity is linked or the query failed (the result then holds
+    every entity's outcome).
+    """
+    linked, result = _split_linked(batch, "dbpedia", "DBpedia")
+    if not linked:
+        return linked, {}, None, result
+    index = _by_uri(linked)
+    try:
+        return linked, index, sparql.select(query_for(" ".join(f"<{uri}>" for uri in index))), result
+    except FetchError as error:
+        return linked, index, None, LookupResult(outcomes=result.outcomes + _failure(linked, error).outcomes)
+
+
 class DbpediaAbstracts:
     """``dbo:abstract`` in one language, many entities per SPARQL query."""
 
@@ -161,17 +180,12 @@ class DbpediaAbstracts:
         self.sparql, self.language, self.batch_size = _Sparql(client, endpoint), language, batch_size
 
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
-        linked, result = _split_linked(batch, "dbpedia", "DBpedia")
-        if not linked:
+        linked, index, bindings, result = _select_linked(self.sparql, batch, lambda values: (
+            "PREFIX dbo: <http://dbpedia.org/ontology/>\n"
+            f"SELECT ?e ?abstract WHERE {{ VALUES ?e {{ {values} }}\n"
+            f"  ?e dbo:abstract ?abstract FILTER(LANG(?abstract) = \"{self.language}\") }}"))
+        if bindings is None:
             return result
-        index = _by_uri(linked)
-        query = ("PREFIX dbo: <http://dbpedia.org/ontology/>\n"
-                 f"SELECT ?e ?abstract WHERE {{ VALUES ?e {{ {' '.join('<' + u + '>' for u in index)} }}\n"
-                 f"  ?e dbo:abstract ?abstract FILTER(LANG(?abstract) = \"{self.language}\") }}")
-        try:
-            bindings = self.sparql.select(query)
-        except FetchError as error:
-            return LookupResult(outcomes=result.outcomes + _failure(linked, error).outcomes)
         found: dict[int, str] = {}
         for row in bindings:
             text = row.get("abstract", {}).get("value", "").strip()
@@ -200,18 +214,13 @@ class DbpediaImages:
         self.commons_base, self.width = commons_base, width
 
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
-        linked, result = _split_linked(batch, "dbpedia", "DBpedia")
-        if not linked:
-            return result
-        index = _by_uri(linked)
         predicates = " ".join(f"<{p}>" for p in (*self.PREDICATES, self.SAME_AS))
-        query = (f"SELECT ?e ?p ?o WHERE {{ VALUES ?e {{ {' '.join('<' + u + '>' for u in index)} }}\n"
-                 f"  VALUES ?p {{ {predicates} }} ?e ?p ?o\n"
-                 f"  FILTER(?p != <{self.SAME_AS}> || STRSTARTS(STR(?o), \"http://www.wikidata.org/entity/\")) }}")
-        try:
-            bindings = self.sparql.select(query)
-        except FetchError as error:
-            return LookupResult(outcomes=result.outcomes + _failure(linked, error).outcomes)
+        linked, index, bindings, result = _select_linked(self.sparql, batch, lambda values: (
+            f"SELECT ?e ?p ?o WHERE {{ VALUES ?e {{ {values} }}\n"
+            f"  VALUES ?p {{ {predicates} }} ?e ?p ?o\n"
+            f"  FILTER(?p != <{self.SAME_AS}> || STRSTARTS(STR(?o), \"http://www.wikidata.org/entity/\")) }}"))
+        if bindings is None:
+            return result
         images: dict[int, set[str]] = {}
         for row in bindings:
             predicate, value = row.get("p", {}).get("value"), row.get("o", {}).get("value", "")
