@@ -50,9 +50,10 @@ Decisions where the paper is silent:
   Candidates with no available modality are not drawn. The modality's contrastive term
   uses only valid candidates. A requested modality that no entity has (offline: no image
   was crawled) would be unavailable to every row, so it is not computed at all
-  (``absent_modalities``; same draws and losses, half the KCA cost); with none left, the
-  sampler draws uniformly from the pre-sample. An entity without image still has a text representation
-  from KCA with all-zero image tokens (as the script); only the zero *image* is never
+  (``absent_modalities``; same draws and losses, without KCA's image branch); with none
+  left, the sampler draws uniformly from the pre-sample. An entity without image still
+  has a text representation from KCA with all-zero image tokens (as the script); only the
+  zero *image* is never
   compared as content. Padding sentences (rows beyond the entity's count) are zero, as in
   the script.
 - Contrastive sets (default, per row): positives = the pre-sample candidates that are
