@@ -53,8 +53,7 @@ Decisions where the paper is silent:
   (``absent_modalities``; same draws and losses, without KCA's image branch); with none
   left, the sampler draws uniformly from the pre-sample. An entity without image still
   has a text representation from KCA with all-zero image tokens (as the script); only the
-  zero *image* is never
-  compared as content. Padding sentences (rows beyond the entity's count) are zero, as in
+  zero *image* is never compared as content. Padding sentences (rows beyond the entity's count) are zero, as in
   the script.
 - Contrastive sets (default, per row): positives = the pre-sample candidates that are
   known TRAIN answers of the row's query, other than the row's own entity (``cos(z, z)``
