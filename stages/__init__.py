@@ -26,6 +26,7 @@ def pipeline_stages() -> None:
 
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="The params file to read.")
+DATA_OPTION = typer.Option(None, "--data", help="Canonical dataset directory (default: data/<dataset>).")
 
 
 @contextlib.contextmanager

@@ -10,13 +10,13 @@ import typer
 from pipeline.align import AlignConfig, align as run_align, write_media
 from pipeline.atomic import write_json
 from pipeline.crawl import read_entities
-from stages import PARAMS_OPTION, app, load_params
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params
 
 
 @app.command()
 def align(
     dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
-    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    data: Optional[Path] = DATA_OPTION,
     crawl_dir: Optional[Path] = typer.Option(None, "--crawl", help="Crawl directory (default: crawl/<dataset>)."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: media/<dataset>)."),
     metrics: Path = typer.Option(Path("metrics/coverage.json"), help="Coverage report (JSON)."),

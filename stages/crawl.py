@@ -8,13 +8,13 @@ from typing import Optional
 import typer
 
 from pipeline.crawl import CrawlConfig, crawl as run_crawl, read_entities
-from stages import PARAMS_OPTION, app, load_params
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params
 
 
 @app.command()
 def crawl(
     dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
-    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    data: Optional[Path] = DATA_OPTION,
     out: Optional[Path] = typer.Option(None, help="Crawl directory (default: crawl/<dataset>)."),
     source: str = typer.Option("web", help="web (the crawl.sources of params), local-folder or csv."),
     folder: Optional[Path] = typer.Option(None, help="With --source local-folder: images named by entity key."),

@@ -18,7 +18,7 @@ from pipeline.evaluation import evaluate as evaluate_model
 from pipeline.evaluation_report import metrics_payload, plot_categories
 from pipeline.graph import load_graph
 from pipeline.training import BEST, load_model, resolve_device
-from stages import PARAMS_OPTION, app, load_params
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params
 
 
 def check_evaluate_section(section: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def check_evaluate_section(section: Any) -> dict[str, Any]:
 @app.command()
 def evaluate(
     dataset: Optional[str] = typer.Argument(None, help="mkg-w, mkg-y or db15k (default: params.yaml `dataset`)."),
-    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    data: Optional[Path] = DATA_OPTION,
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to evaluate (default: models/<dataset>/best.pt)."),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="Metrics JSON."),
     plot: Path = typer.Option(Path("plots/evaluate_categories.png"), help="Per-category bar chart (PNG)."),

@@ -8,7 +8,7 @@ import typer
 
 from pipeline.features.inputs import count_entities, read_entity_media
 from pipeline.features.text import TextSettings, extract_text
-from stages import PARAMS_OPTION, app, load_params, section_errors
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params, section_errors
 
 
 def text_settings(section: dict) -> TextSettings:
@@ -26,7 +26,7 @@ def text_settings(section: dict) -> TextSettings:
 @app.command("extract-text")
 def extract_text_command(
     dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
-    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    data: Optional[Path] = DATA_OPTION,
     media: Optional[Path] = typer.Option(None, help="Align output (default: media/<dataset>/entities_media.parquet)."),
     out: Optional[Path] = typer.Option(None, help="Cache directory (default: features/<dataset>/text)."),
     params: Path = PARAMS_OPTION,

@@ -8,7 +8,7 @@ import typer
 
 from pipeline.features.inputs import count_entities, read_entity_media
 from pipeline.features.visual import VisualSettings, extract_visual
-from stages import PARAMS_OPTION, app, load_params, section_errors
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params, section_errors
 
 
 def visual_settings(section: dict) -> VisualSettings:
@@ -30,7 +30,7 @@ def visual_settings(section: dict) -> VisualSettings:
 @app.command("extract-visual")
 def extract_visual_command(
     dataset: str = typer.Argument(..., help="mkg-w, mkg-y or db15k"),
-    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    data: Optional[Path] = DATA_OPTION,
     media: Optional[Path] = typer.Option(None, help="Align output (default: media/<dataset>/entities_media.parquet)."),
     images: Optional[Path] = typer.Option(None, help="Content-addressed image store (default: crawl/<dataset>/images)."),
     out: Optional[Path] = typer.Option(None, help="Cache directory (default: features/<dataset>/visual)."),

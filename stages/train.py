@@ -24,7 +24,7 @@ from pipeline.models import MODELS, build_model
 from pipeline.plots import plot_training_curves, write_csv
 from pipeline.samplers import SAMPLERS, build_sampler
 from pipeline.training import TrainSettings, fit, resolve_device
-from stages import PARAMS_OPTION, app, load_params
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params
 
 POSITIVE_INTEGERS = ("dim", "num_negatives", "batch_size", "steps", "valid_every", "patience", "eval_batch_size", "log_every")
 POSITIVE_FLOATS = ("lr", "sampler_lr", "adversarial_temperature")
@@ -76,7 +76,7 @@ def check_sampler_section(section: dict[str, Any]) -> dict[str, Any]:
 @app.command()
 def train(
     dataset: Optional[str] = typer.Argument(None, help="mkg-w, mkg-y or db15k (default: params.yaml `dataset`)."),
-    data: Optional[Path] = typer.Option(None, help="Canonical dataset directory (default: data/<dataset>)."),
+    data: Optional[Path] = DATA_OPTION,
     out: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: models/<dataset>)."),
     metrics: Path = typer.Option(Path("metrics/train.json"), help="Metrics JSON."),
     plots: Path = typer.Option(Path("plots"), help="Directory of train_curve.csv/png and train_loss.csv."),
