@@ -1,8 +1,10 @@
-"""The download stage: import from the mirror, the network path, MKG-Y, errors, atomicity."""
+"""The download stage: import from the embedded copy, a mirror, the network path, MKG-Y,
+source order, errors, atomicity."""
 from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import shutil
 import subprocess
 import sys
@@ -209,9 +211,9 @@ def test_unreachable_source_suggests_mirror(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _stages(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _stages(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **env})
 
 
 def test_cli_unknown_dataset_and_help(tmp_path):
@@ -224,8 +226,60 @@ def test_cli_unknown_dataset_and_help(tmp_path):
     assert listing.returncode == 0 and "download" in listing.stdout
 
 
-def test_cli_download_with_mirror(tmp_path, mirror):
+def _report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_cli_download_with_relative_mirror(tmp_path, mirror):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    done = _stages("download", "mkg-w", "--mirror", str(mirror), cwd=tmp_path)
+    shutil.copytree(mirror / "MKG-W", tmp_path / "local-mirror" / "MKG-W")
+    done = _stages("download", "mkg-w", "--mirror", "local-mirror", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "data" / "mkg-w" / "report.json").is_file()
+    assert _report(tmp_path / "data" / "mkg-w")["source"] == "mirror"
+
+
+def test_cli_download_uses_embedded_copy_without_mirror(tmp_path):
+    """No mirror, no network (an unreachable source URL in params): the embedded copy is used."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["download"]["source_url"] = "http://127.0.0.1:9/{repo}/{commit}/{path}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = _stages("download", "db15k", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = _report(tmp_path / "data" / "db15k")
+    assert report["source"] == "embedded" and report["raw_counts"]["train"] == 79222
+    assert "db15k (from embedded)" in done.stdout
+    failed = _stages("download", "mkg-y", cwd=tmp_path)  # MKG-Y is not embedded: the pinned source is tried
+    assert failed.returncode == 2 and "cannot reach 127.0.0.1:9 for" in failed.stderr
+
+
+def test_source_order_mirror_option_then_environment_then_embedded(tmp_path, mirror):
+    """--mirror beats MMRNS_DATA_MIRROR, which beats the embedded copy: a broken mirror named
+    by the environment fails unless --mirror names a good one."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    broken = tmp_path / "broken"
+    (broken / "MKG-W").mkdir(parents=True)
+    from_env = _stages("download", "mkg-w", cwd=tmp_path, MMRNS_DATA_MIRROR=str(broken))
+    assert from_env.returncode == 2 and f"{broken / 'MKG-W'}" in from_env.stderr and "missing file in mirror" in from_env.stderr
+    from_option = _stages("download", "mkg-w", "--mirror", str(mirror), cwd=tmp_path, MMRNS_DATA_MIRROR=str(broken))
+    assert from_option.returncode == 0, from_option.stderr
+    assert _report(tmp_path / "data" / "mkg-w")["source"] == "mirror"
+
+
+def test_embedded_copy_missing_or_corrupt_file(tmp_path):
+    manifest = load_manifest(MANIFESTS / "mkg-w.yaml")
+    copy = tmp_path / "embedded"
+    shutil.copytree(REPO / "datasets" / "mkg-w", copy)
+    (copy / "rel_links.txt.xz").write_bytes(b"not xz")
+    with pytest.raises(DataError, match=r"rel_links.txt.xz: not a valid xz file"):
+        import_dataset(manifest, tmp_path / "out", embedded=copy)
+    (copy / "rel_links.txt.xz").unlink()
+    with pytest.raises(DataError, match=r"rel_links.txt.xz: missing file in the embedded copy"):
+        import_dataset(manifest, tmp_path / "out", embedded=copy)
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedded_copies_cover_exactly_their_manifests():
+    for name in ("mkg-w", "db15k"):
+        names = {path.name for path in (REPO / "datasets" / name).glob("*.xz")}
+        assert names == {f"{file}.xz" for file in load_manifest(MANIFESTS / f"{name}.yaml").files}
+    assert not (REPO / "datasets" / "mkg-y").exists()

@@ -95,16 +95,21 @@ def import_dataset(
     url_template: str = DEFAULT_SOURCE_URL,
     timeout: float = 30.0,
     drop_leaked: bool = True,
+    embedded: str | Path | None = None,
 ) -> dict:
     """Build the canonical directory ``out`` for ``manifest``; returns the report.
 
+    The raw files come from ``mirror`` if given, else from the xz-compressed copy in
+    ``embedded`` if given, else from the pinned sources (see :func:`fetch_files`).
     Nothing is written unless every checksum, line and count is right; ``out`` is replaced
     atomically, so a failed run leaves no partial directory.
     """
     if manifest.layout not in LAYOUTS:
         raise DataError(manifest.name, f"unknown layout {manifest.layout!r}; valid: {', '.join(LAYOUTS)}")
     with tempfile.TemporaryDirectory(prefix=f"mmrns-{manifest.name}-") as scratch:
-        files = fetch_files(manifest, Path(scratch), Path(mirror) if mirror else None, url_template, timeout)
+        mirror = Path(mirror) if mirror else None
+        embedded = Path(embedded) if embedded and not mirror else None
+        files = fetch_files(manifest, Path(scratch), mirror, url_template, timeout, embedded)
         try:
             raw = LAYOUTS[manifest.layout](files)
         except DataError as error:
@@ -118,7 +123,7 @@ def import_dataset(
     report = {
         "dataset": manifest.name,
         "title": manifest.title,
-        "source": "mirror" if mirror else "network",
+        "source": "mirror" if mirror else "embedded" if embedded else "network",
         "raw_counts": counts,
         "paper_counts": manifest.paper,
         "defects": find_defects(raw, manifest),
