@@ -1,5 +1,5 @@
-"""What the evaluate stage writes from :func:`pipeline.evaluation.evaluate`'s metrics: a
-JSON payload for ``dvc metrics show`` and a bar chart of the relation categories."""
+"""What the evaluate stage writes from :func:`pipeline.evaluation.evaluate`'s metrics: the
+headline JSON for ``dvc metrics show`` and a bar chart of the relation categories."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +16,10 @@ CHART_METRICS = ("mrr", "hits@10")
 
 
 def metrics_payload(metrics: dict) -> dict:
-    """Headline first (realistic ranks, both directions: ``mr``, ``mrr``, ``hits@k`` at the top
-    level, so ``dvc metrics show`` / ``dvc exp show`` lead with them), then everything
-    :func:`~pipeline.evaluation.evaluate` returned."""
-    return {**{name: metrics["realistic"]["both"][name] for name in METRICS}, **metrics}
+    """The headline for ``dvc metrics show`` / ``dvc exp show``: realistic ranks, both
+    directions (``mr``, ``mrr``, ``hits@k``). The detail is :func:`~pipeline.evaluation.evaluate`'s
+    whole result, written as a separate report."""
+    return {name: metrics["realistic"]["both"][name] for name in METRICS}
 
 
 def plot_categories(path: str | Path, metrics: dict, title: str) -> None:

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.crawl import CrawlConfig, crawl as run_crawl, read_entities
-from stages import DATA_OPTION, PARAMS_OPTION, app, load_params
+from stages import DATA_OPTION, PARAMS_OPTION, app, load_params, resolve_dataset
 
 
 @app.command()
@@ -24,8 +23,10 @@ def crawl(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Look up descriptions and images (DBpedia, Wikidata, Commons, or local files), verify and store them."""
+    from pipeline.crawl import CrawlConfig, crawl as run_crawl, read_entities
+
+    dataset, data = resolve_dataset(dataset, params, data)
     config = CrawlConfig.from_params(load_params(params, "crawl"))
-    data = data or Path("data") / dataset
     out = out or Path("crawl") / dataset
     summary = run_crawl(read_entities(data / "entities.parquet"), out / "manifest.sqlite", out / "images", config,
                         source=source, folder=folder, csv_manifest=manifest, retry_failed=retry_failed,

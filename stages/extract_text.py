@@ -6,21 +6,16 @@ from typing import Optional
 
 import typer
 
-from pipeline.features.inputs import count_entities, read_entity_media
-from pipeline.features.text import TextSettings, extract_text
-from stages import DATA_OPTION, PARAMS_OPTION, app, load_params, section_errors
+from stages import DATA_OPTION, PARAMS_OPTION, app, convert_section, load_params, resolve_dataset
+
+TEXT_KEYS = {"model": str, "max_sentences": int, "batch_size": int, "dtype": str, "seed": int}
 
 
-def text_settings(section: dict) -> TextSettings:
-    """The ``extract_text`` params section as :class:`TextSettings`."""
-    with section_errors("extract_text"):
-        return TextSettings(
-            model=str(section["model"]),
-            max_sentences=int(section["max_sentences"]),
-            batch_size=int(section["batch_size"]),
-            dtype=str(section["dtype"]),
-            seed=int(section["seed"]),
-        )
+def text_settings(section: dict):
+    """The ``extract_text`` params section as :class:`~pipeline.features.text.TextSettings`."""
+    from pipeline.features.text import TextSettings
+
+    return TextSettings(**convert_section("extract_text", section, TEXT_KEYS))
 
 
 @app.command("extract-text")
@@ -32,8 +27,12 @@ def extract_text_command(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """SBERT embedding of each entity's sentences, zero-padded to [S, D]; incremental cache."""
+    from pipeline.features.inputs import count_entities, read_entity_media
+    from pipeline.features.text import extract_text
+
+    dataset, data = resolve_dataset(dataset, params, data)
     settings = text_settings(load_params(params, "extract_text"))
-    num_entities = count_entities((data or Path("data") / dataset) / "entities.parquet")
+    num_entities = count_entities(data / "entities.parquet")
     entity_media = read_entity_media(media or Path("media") / dataset / "entities_media.parquet", num_entities)
     out = out or Path("features") / dataset / "text"
     report = extract_text(entity_media.sentences, out, settings)

@@ -6,25 +6,22 @@ from typing import Optional
 
 import typer
 
-from pipeline.features.inputs import count_entities, read_entity_media
-from pipeline.features.visual import VisualSettings, extract_visual
-from stages import DATA_OPTION, PARAMS_OPTION, app, load_params, section_errors
+from stages import DATA_OPTION, PARAMS_OPTION, app, convert_section, load_params, resolve_dataset
 
 
-def visual_settings(section: dict) -> VisualSettings:
-    """The ``extract_visual`` params section as :class:`VisualSettings`."""
-    with section_errors("extract_visual"):
-        return VisualSettings(
-            model=str(section["model"]),
-            hidden_shape=tuple(int(size) for size in section["hidden_shape"]),
-            kernel=tuple(int(size) for size in section["kernel"]),
-            stride=tuple(int(size) for size in section["stride"]),
-            image_mode=str(section["image_mode"]),
-            batch_size=int(section["batch_size"]),
-            dtype=str(section["dtype"]),
-            seed=int(section["seed"]),
-            checkpoint_seconds=float(section["checkpoint_seconds"]),
-        )
+def _sizes(value) -> tuple[int, ...]:
+    return tuple(int(size) for size in value)
+
+
+VISUAL_KEYS = {"model": str, "hidden_shape": _sizes, "kernel": _sizes, "stride": _sizes, "image_mode": str,
+               "batch_size": int, "dtype": str, "seed": int, "checkpoint_seconds": float}
+
+
+def visual_settings(section: dict):
+    """The ``extract_visual`` params section as :class:`~pipeline.features.visual.VisualSettings`."""
+    from pipeline.features.visual import VisualSettings
+
+    return VisualSettings(**convert_section("extract_visual", section, VISUAL_KEYS))
 
 
 @app.command("extract-visual")
@@ -37,8 +34,12 @@ def extract_visual_command(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """BEiT last hidden state of each entity's image, 2-D average pooled; incremental cache."""
+    from pipeline.features.inputs import count_entities, read_entity_media
+    from pipeline.features.visual import extract_visual
+
+    dataset, data = resolve_dataset(dataset, params, data)
     settings = visual_settings(load_params(params, "extract_visual"))
-    num_entities = count_entities((data or Path("data") / dataset) / "entities.parquet")
+    num_entities = count_entities(data / "entities.parquet")
     entity_media = read_entity_media(media or Path("media") / dataset / "entities_media.parquet", num_entities)
     out = out or Path("features") / dataset / "visual"
     report = extract_visual(entity_media.image_hashes, images or Path("crawl") / dataset / "images", out, settings)

@@ -1,8 +1,9 @@
 """`train`: fit the KGC model of params.yaml `train` with the sampler of `sampler`.
 
 Outputs: models/<ds>/last.pt (resume point), models/<ds>/best.pt (best VALID MRR),
-metrics/train.json, plots/train_curve.csv (per validation), plots/train_loss.csv (per
-log window), plots/train_curve.png. An existing last.pt with the same configuration is
+metrics/<ds>/train.json (headline: steps, best step, train time), reports/<ds>/train.json
+(model, sampler, best VALID metrics, early stop, speed), plots/<ds>/train_curve.csv (per
+validation), plots/<ds>/train_loss.csv (per log window), plots/<ds>/train_curve.png. An existing last.pt with the same configuration is
 resumed; a different configuration starts fresh.
 """
 from __future__ import annotations
@@ -11,29 +12,27 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import typer
 
-from pipeline.atomic import write_json
 from pipeline.errors import ConfigError
-from pipeline.evaluation import evaluate
-from pipeline.features import load_features
-from pipeline.graph import load_graph
-from pipeline.losses import LOSSES, SubsamplingWeights, build_loss
-from pipeline.models import MODELS, build_model
-from pipeline.plots import plot_training_curves, write_csv
-from pipeline.samplers import SAMPLERS, build_sampler
-from pipeline.training import TrainSettings, fit, resolve_device
-from stages import DATA_OPTION, PARAMS_OPTION, app, load_params
+from stages import DATA_OPTION, PARAMS_OPTION, app, check_keys, load_params, resolve_dataset
 
 POSITIVE_INTEGERS = ("dim", "num_negatives", "batch_size", "steps", "valid_every", "patience", "eval_batch_size", "log_every")
 POSITIVE_FLOATS = ("lr", "sampler_lr", "adversarial_temperature")
 NON_NEGATIVE_FLOATS = ("gamma", "regularization")
 BOOLEANS = ("self_adversarial", "subsampling")
+OTHER_KEYS = ("model", "loss", "seed", "threads", "device")  # + an options mapping per model, named like it
 
 
 def check_train_section(section: dict[str, Any]) -> dict[str, Any]:
-    """Validate the ``train`` section: types and ranges (ConfigError naming the key), names."""
+    """Validate the ``train`` section: known keys, types and ranges (ConfigError naming the
+    key), names."""
+    from pipeline.losses import LOSSES
+    from pipeline.models import MODELS
+    from pipeline.training import resolve_device
+
+    check_keys("train", section, POSITIVE_INTEGERS + POSITIVE_FLOATS + NON_NEGATIVE_FLOATS + BOOLEANS + OTHER_KEYS + tuple(MODELS.names()))
+
     def value(key: str) -> Any:
         if key not in section:
             raise ConfigError(f"train.{key} is missing")
@@ -61,6 +60,9 @@ def check_train_section(section: dict[str, Any]) -> dict[str, Any]:
 
 def check_sampler_section(section: dict[str, Any]) -> dict[str, Any]:
     """Validate the top-level ``sampler`` section: ``name``, ``seed``, ``<name>:`` options."""
+    from pipeline.samplers import SAMPLERS
+
+    check_keys("sampler", section, ("name", "seed", *SAMPLERS.names()))
     if "name" not in section:
         raise ConfigError("sampler.name is missing")
     SAMPLERS.get(section["name"])
@@ -75,20 +77,32 @@ def check_sampler_section(section: dict[str, Any]) -> dict[str, Any]:
 
 @app.command()
 def train(
-    dataset: Optional[str] = typer.Argument(None, help="mkg-w, mkg-y or db15k (default: params.yaml `dataset`)."),
+    dataset: Optional[str] = typer.Argument(None, help="mkg-w, mkg-y or db15k (default: the first of params.yaml `datasets`)."),
     data: Optional[Path] = DATA_OPTION,
     out: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: models/<dataset>)."),
-    metrics: Path = typer.Option(Path("metrics/train.json"), help="Metrics JSON."),
-    plots: Path = typer.Option(Path("plots"), help="Directory of train_curve.csv/png and train_loss.csv."),
+    metrics: Optional[Path] = typer.Option(None, help="Headline metrics JSON (default: metrics/<dataset>/train.json)."),
+    report: Optional[Path] = typer.Option(None, help="Run report JSON (default: reports/<dataset>/train.json)."),
+    plots: Optional[Path] = typer.Option(None, help="Directory of train_curve.csv/png and train_loss.csv (default: plots/<dataset>)."),
     features: Optional[Path] = typer.Option(None, help="Feature caches text/ and visual/ for model-aware samplers (default: features/<dataset>)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train a KGC model with a negative sampler; validate, keep the best, resume, stop early."""
-    every = load_params(params)
-    dataset = dataset or every.get("dataset")
+    import torch
+
+    from pipeline.atomic import write_json
+    from pipeline.evaluation import evaluate
+    from pipeline.features import load_features
+    from pipeline.graph import load_graph
+    from pipeline.losses import SubsamplingWeights, build_loss
+    from pipeline.models import build_model
+    from pipeline.plots import plot_training_curves, write_csv
+    from pipeline.samplers import SAMPLERS, build_sampler
+    from pipeline.training import TrainSettings, fit, resolve_device
+
+    dataset, data = resolve_dataset(dataset, params, data)
     config = check_train_section(load_params(params, "train"))
     sampler_config = check_sampler_section(load_params(params, "sampler"))
-    graph = load_graph(data or Path("data") / str(dataset))
+    graph = load_graph(data)
     device = resolve_device(config["device"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -128,11 +142,14 @@ def train(
 
     started = time.perf_counter()
     result = fit(model, sampler, loss, graph, settings, out or Path("models") / str(dataset), validate, model_config, fingerprint, subsampling)
+    plots = plots or Path("plots") / dataset
     write_csv(plots / "train_curve.csv", result.history, ["step", "loss", "valid_mrr", "valid_hits@10"])
     write_csv(plots / "train_loss.csv", result.losses, ["step", "loss"])
     plot_training_curves(plots / "train_curve.png", result.history, result.losses)
+    write_json(metrics or Path("metrics") / dataset / "train.json",
+               {"steps": result.step, "best_step": result.best.get("step"), "train_seconds": round(result.train_seconds, 2)})
     write_json(
-        metrics,
+        report or Path("reports") / dataset / "train.json",
         {
             "dataset": dataset,
             "model": model_name,

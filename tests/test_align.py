@@ -103,10 +103,10 @@ def test_align_stage_writes_media_and_metrics(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"align": {"seed": 3, "images_per_entity": 1}}))
     result = subprocess.run(
         [sys.executable, "-m", "stages", "align", "toy", "--data", str(tmp_path / "data"), "--crawl", str(tmp_path),
-         "--out", str(tmp_path / "media"), "--metrics", str(tmp_path / "coverage.json"),
+         "--out", str(tmp_path / "media"), "--report", str(tmp_path / "coverage.json"),
          "--params", str(tmp_path / "params.yaml")], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "coverage.json").read_text())["toy"]["label_fallback"] == 3
+    assert json.loads((tmp_path / "coverage.json").read_text())["label_fallback"] == 3
     assert len(pd.read_parquet(tmp_path / "media" / "entities_media.parquet")) == 5
 
 

@@ -193,6 +193,7 @@ def params_file() -> dict:
         ("loss", "hinge", "unknown loss 'hinge'"),
         ("device", "tpu", "train.device must be auto, cpu or cuda"),
         ("threads", -1, "train.threads must be a non-negative integer, got -1"),
+        ("lrr", 0.1, "unknown key 'train.lrr'; did you mean 'train.lr'?"),
     ],
 )
 def test_train_section_errors_name_the_key(key, value, message):
@@ -206,6 +207,8 @@ def test_sampler_section_errors():
         check_sampler_section({"name": "nope", "seed": 1})
     with pytest.raises(ConfigError, match="sampler.seed must be a non-negative integer"):
         check_sampler_section({"name": "uniform", "seed": "x"})
+    with pytest.raises(ConfigError, match="unknown key 'sampler.nme'; did you mean 'sampler.name'?"):
+        check_sampler_section({"nme": "uniform", "seed": 1})
 
 
 def write_canonical(directory: Path, graph: KnowledgeGraph) -> None:
@@ -226,7 +229,8 @@ def run_stage(tmp_path: Path, **train_overrides):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return CliRunner().invoke(
         app,
-        ["train", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "models"), "--metrics", str(tmp_path / "metrics" / "train.json"), "--plots", str(tmp_path / "plots"), "--params", str(tmp_path / "params.yaml")],
+        ["train", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "models"), "--metrics", str(tmp_path / "metrics" / "train.json"),
+         "--report", str(tmp_path / "reports" / "train.json"), "--plots", str(tmp_path / "plots"), "--params", str(tmp_path / "params.yaml")],
     )
 
 
@@ -235,7 +239,9 @@ def test_train_stage_outputs_resume_and_fresh_start(tmp_path):
     result = run_stage(tmp_path)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert metrics["steps"] == 30 and metrics["model"] == "TransE" and 0 < metrics["valid"]["mrr"] <= 1
+    assert set(metrics) == {"steps", "best_step", "train_seconds"} and metrics["steps"] == 30  # headline only
+    report = json.loads((tmp_path / "reports" / "train.json").read_text())
+    assert report["model"] == "TransE" and report["best_step"] == metrics["best_step"] and 0 < report["valid"]["mrr"] <= 1
     curve = pd.read_csv(tmp_path / "plots" / "train_curve.csv")
     assert list(curve.columns) == ["step", "loss", "valid_mrr", "valid_hits@10"] and list(curve["step"]) == [10, 20, 30]
     assert list(pd.read_csv(tmp_path / "plots" / "train_loss.csv")["step"]) == [5, 10, 15, 20, 25, 30]
@@ -278,14 +284,14 @@ def test_train_stage_with_mmrns_sampler_checkpoints_and_resumes(tmp_path):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
         return CliRunner().invoke(app, [
             "train", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "models"),
-            "--metrics", str(tmp_path / "metrics" / "train.json"), "--plots", str(tmp_path / "plots"),
-            "--features", str(tmp_path / "no-features"), "--params", str(tmp_path / "params.yaml")])
+            "--metrics", str(tmp_path / "metrics" / "train.json"), "--report", str(tmp_path / "reports" / "train.json"),
+            "--plots", str(tmp_path / "plots"), "--features", str(tmp_path / "no-features"), "--params", str(tmp_path / "params.yaml")])
 
     first = run(20)
     assert first.exit_code == 0, first.output
     for modality in ("text", "image"):
         assert f"no entity has the {modality} modality; the sampler does not use it" in first.output
-    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["sampler"] == "mmrns"
+    assert json.loads((tmp_path / "reports" / "train.json").read_text())["sampler"] == "mmrns"
     checkpoint = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
     sampler_weights = [k for k in checkpoint["sampler"] if k.endswith("weight")]
     assert sampler_weights, "the sampler's trainable parameters must be in the checkpoint"

@@ -30,7 +30,7 @@ from pipeline.crawl.images import ImageConfig, ImageRejected, normalise_image, s
 from pipeline.crawl.manifest import Manifest
 from pipeline.crawl.sources import (CsvManifest, DbpediaAbstracts, DbpediaImages, EntityRef, LocalFolder,
                                     LookupSource, WikidataImages)
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, unknown_key
 from pipeline.tables import read_table
 
 WEB_SOURCES = ("dbpedia-abstract", "dbpedia-image", "wikidata-p18")
@@ -67,9 +67,9 @@ class CrawlConfig:
             if not isinstance(values, dict):
                 raise ConfigError(f"{where} must be a mapping")
             names = {f.name for f in fields(kind)}
-            unknown = set(values) - names
-            if unknown:
-                raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(names)}")
+            for key in values:
+                if key not in names:
+                    raise unknown_key(where, key, names)
             try:
                 return kind(**values)
             except TypeError as error:
