@@ -11,12 +11,22 @@ Order of work (each step resumes from the manifest):
    ``crawl.sources``, then the source's own order), so a failed candidate is replaced by
    the next one in the following round.
 
+No fault of one item stops the crawl: any exception while looking up a batch or
+downloading an image (a reply of unexpected shape, a decoder's bug, ...) records that
+batch's entities or that image ``failed`` with the exception as reason, and the run goes
+on. Results are committed one batch or image at a time as they finish, and when the run
+is interrupted (Ctrl-C, an error writing the manifest) the items already finished are
+recorded before it stops.
+
 A new run first makes ``unreachable`` work pending again, and with ``retry_failed`` also
 ``failed`` work. Hosts that cannot be reached are marked down after a few connection
 failures (see :mod:`pipeline.crawl.http`), so a crawl without network ends in seconds.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +39,7 @@ from pipeline.crawl.http import FetchError, HttpClient, HttpConfig
 from pipeline.crawl.images import ImageConfig, ImageRejected, normalise_image, store_image
 from pipeline.crawl.manifest import Manifest
 from pipeline.crawl.sources import (CsvManifest, DbpediaAbstracts, DbpediaImages, EntityRef, LocalFolder,
-                                    LookupSource, WikidataImages)
+                                    LookupResult, LookupSource, WikidataImages)
 from pipeline.errors import ConfigError, unknown_key
 from pipeline.tables import read_table
 
@@ -152,7 +162,7 @@ class Crawler:
         if source.name == "wikidata-p18" and "dbpedia-image" in self.config.sources:
             refs = self._blocked_by_dbpedia(refs)
         batches = [refs[i:i + source.batch_size] for i in range(0, len(refs), source.batch_size)]
-        self._parallel(batches, source.lookup, lambda _, result: self.manifest.record_lookups(
+        self._parallel(batches, lambda batch: _lookup(source, batch), lambda _, result: self.manifest.record_lookups(
             source.name, result.outcomes, result.descriptions, result.candidates, result.links),
             f"lookup {source.name}", len(refs), lambda batch: len(batch))
 
@@ -184,24 +194,61 @@ class Crawler:
             return ("unreachable" if error.unreachable else "failed"), None, error.reason
         except ImageRejected as error:
             return "failed", None, f"image rejected: {error}"
+        except Exception as error:  # never let one image stop the crawl
+            return "failed", None, _unexpected(error)
 
     def _read_local(self, path: Path) -> bytes:
-        if not path.is_file():
-            raise FetchError(f"file not found: {path}")
-        if path.stat().st_size > self.config.http.max_bytes:
-            raise FetchError(f"{path} is larger than max_bytes {self.config.http.max_bytes}")
-        return path.read_bytes()
+        """The bytes of a local candidate: a regular file, at most ``max_bytes``, whose
+        (resolved, at lookup) path has not turned into a symlink since."""
+        limit = self.config.http.max_bytes
+        if os.path.realpath(path) != str(path):
+            raise FetchError(f"refused {path}: a symlink now stands in its path")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as error:
+            raise FetchError(f"cannot open {path}: {error.strerror or type(error).__name__}") from None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FetchError(f"refused {path}: not a regular file")
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise FetchError(f"{path} is larger than max_bytes {limit}")
+        return data
 
     def _parallel(self, items: list, work: Callable, record: Callable, what: str, total: int,
                   size: Callable[[Any], int]) -> None:
         """Run ``work(item)`` on a thread pool; ``record(item, result)`` in this thread as
-        each finishes (the manifest is written by one thread only)."""
-        with ThreadPoolExecutor(self.config.http.concurrency) as pool, \
-                tqdm(total=total, desc=what, unit="item", disable=not self.progress, leave=False) as bar:
-            futures = {pool.submit(work, item): item for item in items}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
-                bar.update(size(futures[future]))
+        each finishes (the manifest is written by one thread only). If this loop is
+        interrupted, the work not started is cancelled and what finished is still recorded."""
+        pool = ThreadPoolExecutor(self.config.http.concurrency)
+        futures = {pool.submit(work, item): item for item in items}
+        recorded = set()
+        try:
+            with tqdm(total=total, desc=what, unit="item", disable=not self.progress, leave=False) as bar:
+                for future in as_completed(futures):
+                    recorded.add(future)
+                    record(futures[future], future.result())
+                    bar.update(size(futures[future]))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the running items finish
+            for future, item in futures.items():
+                if future not in recorded and not future.cancelled() and future.exception() is None:
+                    with contextlib.suppress(Exception):  # the original error is the one to report
+                        record(item, future.result())
+            raise
+        pool.shutdown()
+
+
+def _unexpected(error: Exception) -> str:
+    return f"unexpected error: {type(error).__name__}: {error}"
+
+
+def _lookup(source: LookupSource, batch: list[EntityRef]) -> LookupResult:
+    """``source.lookup(batch)``; any exception fails every entity of the batch."""
+    try:
+        return source.lookup(batch)
+    except Exception as error:  # never let one batch stop the crawl
+        return LookupResult(outcomes=[(entity.id, "failed", _unexpected(error)) for entity in batch])
 
 
 def crawl(entities: pd.DataFrame, manifest_path: Path, store: Path, config: CrawlConfig, *,

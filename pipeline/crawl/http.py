@@ -17,16 +17,27 @@ policy:
 - connection failures (DNS, refused, connect timeout) are not retried: the request fails
   as *unreachable*, and after ``host_down_after`` consecutive connection failures the host
   is marked down for the life of the client, so later requests to it fail at once;
-- the body is streamed and the request aborted beyond ``max_bytes``.
+- the body is streamed and the request aborted beyond ``max_bytes``;
+- ``total_timeout`` bounds the whole fetch: every redirect hop, attempt, back-off and
+  rate-limit wait. Each connect, TLS handshake, read and write is given at most the time
+  left (a custom httpcore network backend, :class:`_DeadlineBackend`), so a server that
+  trickles a byte every few seconds cannot hold a request open; a wait that would end
+  after the deadline fails at once. A fetch past its deadline fails, not retried.
+
+Every failure is a :class:`FetchError` with a one-line reason: an answer that fails content
+decoding, a malformed or undecodable URL or redirect ``Location`` (e.g. an invalid
+internationalised host name) and any other ``httpx`` error included.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 
+import httpcore
 import httpx
 
 from pipeline.errors import ConfigError
@@ -49,6 +60,7 @@ class HttpConfig:
     max_retry_after: float = 120.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    total_timeout: float = 180.0  # seconds: deadline of one fetch, all hops, attempts and waits included
     max_bytes: int = 20_000_000
     max_redirects: int = 5
     host_down_after: int = 3
@@ -63,7 +75,7 @@ class HttpConfig:
         for name in ("requests_per_second_per_host", "backoff_base", "backoff_max", "max_retry_after", "max_redirects"):
             if float(getattr(self, name)) < 0:
                 raise ConfigError(f"crawl.http.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("connect_timeout", "read_timeout"):
+        for name in ("connect_timeout", "read_timeout", "total_timeout"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"crawl.http.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -101,15 +113,84 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, AttributeError):
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend with every connect, TLS handshake, read and write bounded by
+    the calling thread's deadline (set by :meth:`deadline`; none outside it)."""
+
+    def __init__(self):
+        self._sockets = httpcore.SyncBackend()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def deadline(self, at: float):
+        """Socket operations of this thread end by ``time.monotonic()`` value ``at``."""
+        self._local.at = at
+        try:
+            yield
+        finally:
+            self._local.at = None
+
+    def bound(self, timeout: float | None, error: type[Exception]) -> float | None:
+        """``timeout`` shortened to the time left; ``error`` when none is left."""
+        at = getattr(self._local, "at", None)
+        if at is None:
+            return timeout
+        left = at - time.monotonic()
+        if left <= 0:
+            raise error("total_timeout reached")
+        return left if timeout is None else min(timeout, left)
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        stream = self._sockets.connect_tcp(host, port, self.bound(timeout, httpcore.ConnectTimeout),
+                                           local_address, socket_options)
+        return _DeadlineStream(stream, self)
+
+    def sleep(self, seconds: float) -> None:
+        self._sockets.sleep(seconds)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A network stream whose every operation is bounded by its backend's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, backend: _DeadlineBackend):
+        self._stream, self._backend = stream, backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._backend.bound(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._backend.bound(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        stream = self._stream.start_tls(ssl_context, server_hostname, self._backend.bound(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(stream, self._backend)
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
+def _use_backend(client: httpx.Client, backend: _DeadlineBackend) -> None:
+    """Make every transport of ``client`` (direct, and proxies from the environment) open its
+    connections through ``backend``. httpx 0.28 has no public hook for this."""
+    for transport in (client._transport, *client._mounts.values()):
+        pool = getattr(transport, "_pool", None)
+        if transport is not None and not hasattr(pool, "_network_backend"):
+            raise RuntimeError(f"cannot install the deadline backend into {type(transport).__name__} "
+                               f"(httpx {httpx.__version__}): crawl.http.total_timeout needs httpx 0.28")
+        if transport is not None:
+            pool._network_backend = backend
 
 
 class HttpClient:
@@ -123,6 +204,8 @@ class HttpClient:
             limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
             follow_redirects=False,
         )
+        self._backend = _DeadlineBackend()
+        _use_backend(self._client, self._backend)
         self._hosts: dict[str, _HostState] = {}
         self._hosts_lock = threading.Lock()
         self._rng = random.Random(config.seed)
@@ -144,53 +227,74 @@ class HttpClient:
 
     def fetch(self, url: str, method: str = "GET", data: dict[str, str] | None = None,
               headers: dict[str, str] | None = None) -> Response:
-        """The 2xx answer to ``url`` after redirects and retries; raises :class:`FetchError`."""
-        for _ in range(self.config.max_redirects + 1):
+        """The 2xx answer to ``url`` after redirects and retries, within ``total_timeout``;
+        raises :class:`FetchError`."""
+        deadline = time.monotonic() + self.config.total_timeout
+        with self._backend.deadline(deadline):
             target = self._checked_url(url)
-            response = self._request_with_retries(method, target, data, headers)
-            if response.status not in REDIRECT_STATUSES:
-                if 200 <= response.status < 300:
-                    return response
-                raise FetchError(f"HTTP {response.status} from {url}")
-            location = response.headers.get("location")
-            if not location:
-                raise FetchError(f"HTTP {response.status} redirect without Location from {url}")
-            url = str(target.join(location))
-            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
-                method, data = "GET", None
+            for _ in range(self.config.max_redirects + 1):
+                response = self._request_with_retries(method, target, data, headers, deadline)
+                if response.status not in REDIRECT_STATUSES:
+                    if 200 <= response.status < 300:
+                        return response
+                    raise FetchError(f"HTTP {response.status} from {target}")
+                location = response.headers.get("location")
+                if not location:
+                    raise FetchError(f"HTTP {response.status} redirect without Location from {target}")
+                target = self._checked_url(location, base=target)
+                if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                    method, data = "GET", None
         raise FetchError(f"too many redirects (more than {self.config.max_redirects}) from {url}")
 
-    def _checked_url(self, url: str) -> httpx.URL:
+    @staticmethod
+    def _checked_url(url: str, base: httpx.URL | None = None) -> httpx.URL:
+        """``url`` (resolved against ``base``, a redirect's origin) as an http(s) URL with a
+        valid host name; :class:`FetchError` otherwise."""
+        what = "redirect Location" if base is not None else "URL"
         try:
-            parsed = httpx.URL(url)
-        except (httpx.InvalidURL, TypeError) as error:
-            raise FetchError(f"invalid URL {url!r}: {error}") from None
+            parsed = base.join(url) if base is not None else httpx.URL(url)
+            host = parsed.host  # decodes an internationalised (IDNA) host name; may raise
+        except (httpx.InvalidURL, TypeError, ValueError) as error:  # ValueError: UnicodeError, idna.IDNAError
+            raise FetchError(f"invalid {what} {url!r}: {type(error).__name__}: {error}") from None
         if parsed.scheme not in ALLOWED_SCHEMES:
             raise FetchError(f"refused URL scheme {parsed.scheme!r} (only http/https): {url}")
-        if not parsed.host:
-            raise FetchError(f"URL without host: {url}")
+        if not host:
+            raise FetchError(f"{what} without host: {url}")
         return parsed
 
     def _host(self, host: str) -> _HostState:
         with self._hosts_lock:
             return self._hosts.setdefault(host, _HostState())
 
-    def _wait_turn(self, state: _HostState) -> None:
+    def _wait_turn(self, state: _HostState, url: httpx.URL, deadline: float) -> None:
         """Block until this thread may send the next request to the host."""
         interval = 1.0 / self.config.requests_per_second_per_host if self.config.requests_per_second_per_host else 0.0
         with state.lock:
             now = time.monotonic()
             start = max(now, state.next_time)
+            if start >= deadline:
+                raise FetchError(self._past_deadline(url, f"the host's rate limit allows the next request in "
+                                                          f"{start - now:.0f} s"))
             state.next_time = start + interval
         if start > now:
             time.sleep(start - now)
+
+    def _sleep(self, seconds: float, url: httpx.URL, deadline: float) -> None:
+        """A back-off wait; :class:`FetchError` at once if it would pass the deadline."""
+        if time.monotonic() + seconds >= deadline:
+            raise FetchError(self._past_deadline(url, f"the next attempt is due in {seconds:.0f} s"))
+        time.sleep(seconds)
+
+    def _past_deadline(self, url: httpx.URL, why: str = "") -> str:
+        return (f"no complete answer from {url} within total_timeout {self.config.total_timeout:g} s"
+                + (f" ({why})" if why else ""))
 
     def _backoff(self, attempt: int) -> float:
         with self._rng_lock:
             jitter = 0.5 + self._rng.random()
         return min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1)) * jitter
 
-    def _request_with_retries(self, method: str, url: httpx.URL, data, headers) -> Response:
+    def _request_with_retries(self, method: str, url: httpx.URL, data, headers, deadline: float) -> Response:
         host = url.netloc.decode("ascii")
         state = self._host(host)
         attempts, attempt = self.config.max_attempts, 0
@@ -198,21 +302,23 @@ class HttpClient:
             attempt += 1
             if state.down_reason:
                 raise FetchError(f"host {host} is down: {state.down_reason}", unreachable=True)
-            self._wait_turn(state)
+            self._wait_turn(state, url, deadline)
             try:
                 response = self._send(method, url, data, headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
+                if time.monotonic() >= deadline:
+                    raise FetchError(self._past_deadline(url)) from None
+                if not isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    if attempt == attempts:
+                        raise FetchError(f"{type(error).__name__} from {url} after {attempts} attempts") from None
+                    self._sleep(self._backoff(attempt), url, deadline)
+                    continue
                 reason = f"cannot connect to {host}: {type(error).__name__}: {error}"
                 with state.lock:
                     state.connect_failures += 1
                     if state.connect_failures >= self.config.host_down_after and not state.down_reason:
                         state.down_reason = f"{state.connect_failures} consecutive connection failures ({reason})"
                 raise FetchError(reason, unreachable=True) from None
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
-                if attempt == attempts:
-                    raise FetchError(f"{type(error).__name__} from {url} after {attempts} attempts") from None
-                time.sleep(self._backoff(attempt))
-                continue
             with state.lock:
                 state.connect_failures = 0
             if response.status not in RETRY_STATUSES:
@@ -227,19 +333,28 @@ class HttpClient:
                 with state.lock:  # the whole host waits, not only this request
                     state.next_time = max(state.next_time, time.monotonic() + retry_after)
             else:
-                time.sleep(self._backoff(attempt))
+                self._sleep(self._backoff(attempt), url, deadline)
 
     def _send(self, method: str, url: httpx.URL, data, headers) -> Response:
+        """One request. Timeouts, network and protocol errors propagate (retried by the
+        caller); every other httpx error is a :class:`FetchError`."""
         limit = self.config.max_bytes
-        with self._client.stream(method, url, data=data, headers=headers) as response:
-            if response.status_code in REDIRECT_STATUSES or response.status_code in RETRY_STATUSES:
-                return Response(str(url), response.status_code, response.headers, b"")
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise FetchError(f"body of {url} is {declared} bytes, more than max_bytes {limit}")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise FetchError(f"body of {url} exceeds max_bytes {limit}; download aborted")
-            return Response(str(url), response.status_code, response.headers, bytes(body))
+        try:
+            with self._client.stream(method, url, data=data, headers=headers) as response:
+                if response.status_code in REDIRECT_STATUSES or response.status_code in RETRY_STATUSES:
+                    return Response(str(url), response.status_code, response.headers, b"")
+                declared = response.headers.get("content-length", "")
+                if declared.isascii() and declared.isdigit() and int(declared) > limit:
+                    raise FetchError(f"body of {url} is {declared} bytes, more than max_bytes {limit}")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise FetchError(f"body of {url} exceeds max_bytes {limit}; download aborted")
+                return Response(str(url), response.status_code, response.headers, bytes(body))
+        except httpx.DecodingError as error:
+            raise FetchError(f"body of {url} fails content decoding (Content-Encoding): {error}") from None
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError):
+            raise
+        except httpx.HTTPError as error:
+            raise FetchError(f"{type(error).__name__} from {url}: {error}") from None

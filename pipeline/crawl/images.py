@@ -8,10 +8,14 @@
 2. width * height above ``max_pixels`` is rejected before decoding (decompression bomb);
    Pillow's own ``DecompressionBombError`` is caught too;
 3. EXIF orientation applied; modes 1/L/P/CMYK/YCbCr/RGB are converted to RGB, modes with
-   alpha (LA/La/PA/RGBA/RGBa, P with transparency) composited on white; other modes
-   (I, F, I;16, ...) are rejected;
+   alpha (LA/La/PA/RGBA/RGBa, P with transparency) composited on white, 16-bit greyscale
+   (I;16*, and I as Pillow may open it) reduced to 8 bits (``v >> 8``, clipped to 255);
+   other modes (F, ...) are rejected;
 4. the longer side is shrunk to ``max_side`` (Lanczos; never enlarged) and the result
    saved as JPEG at ``jpeg_quality``.
+
+Any exception raised on the way (a decoder's own bug on a malformed file of a rarer format
+included) becomes :class:`ImageRejected`; no reason quotes the file's bytes.
 
 :func:`store_image` writes the JPEG under its SHA-256 digest (see :mod:`pipeline.media`),
 atomically, and returns the digest.
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.atomic import atomic_path
@@ -31,6 +37,8 @@ from pipeline.media import image_path
 
 RGB_CONVERTIBLE = frozenset({"1", "L", "P", "CMYK", "YCbCr", "RGB"})
 WITH_ALPHA = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+HIGH_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+BYTES_LITERAL = re.compile(r"""\bb(['"]).*?(?<!\\)\1""")  # a repr'd bytes value inside a decoder's message
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ def _open(data: bytes, config: ImageConfig) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in HIGH_BIT_GREY:
+        image = Image.fromarray(np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in WITH_ALPHA:
@@ -82,18 +92,25 @@ def normalise_image(data: bytes, config: ImageConfig) -> bytes:
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
+        rgb.thumbnail((config.max_side, config.max_side), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        rgb.save(out, format="JPEG", quality=config.jpeg_quality)
+        return out.getvalue()
     except ImageRejected:
         raise
     except UnidentifiedImageError:
-        raise ImageRejected(f"not an image ({len(data)} bytes starting {data[:16]!r})") from None
+        raise ImageRejected(f"not an image ({len(data)} bytes in no format Pillow reads)") from None
     except Image.DecompressionBombError as error:
         raise ImageRejected(f"decompression bomb: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's decode errors
-        raise ImageRejected(f"corrupt or truncated image: {type(error).__name__}: {error}") from None
-    rgb.thumbnail((config.max_side, config.max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=config.jpeg_quality)
-    return out.getvalue()
+        raise ImageRejected(f"corrupt or truncated image: {_message(error)}") from None
+    except Exception as error:  # a decoder's own failure on a malformed file (NotImplementedError, ...)
+        raise ImageRejected(f"decoder error: {_message(error)}") from None
+
+
+def _message(error: Exception) -> str:
+    """``Type: message`` of a decoder's exception, bytes it quotes from the file elided."""
+    return f"{type(error).__name__}: {BYTES_LITERAL.sub('<bytes>', str(error))[:300]}"
 
 
 def store_image(jpeg: bytes, store: Path) -> str:

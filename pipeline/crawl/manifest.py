@@ -2,6 +2,8 @@
 with its status, so a killed crawl resumes where it stopped and nothing done is lost.
 
 Each result is committed as soon as it arrives (one transaction per lookup batch or image).
+Text is stored as valid UTF-8 whatever it holds (a lone surrogate is written as ``\\udXXX``),
+and a reason is cut at :data:`MAX_REASON` characters, so no text can fail a write.
 
 Tables:
 
@@ -26,6 +28,7 @@ from typing import Iterable
 from pipeline.errors import DataError
 
 STATUSES = ("pending", "done", "missing", "failed", "unreachable")
+MAX_REASON = 1000  # characters
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lookups (
@@ -39,6 +42,14 @@ CREATE TABLE IF NOT EXISTS images (
     status TEXT NOT NULL, digest TEXT, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL, PRIMARY KEY (entity, url));
 """
+
+
+def _text(value: str | None, limit: int | None = None) -> str | None:
+    """``value`` as storable UTF-8 text (lone surrogates backslash-escaped), at most ``limit`` characters."""
+    if value is None:
+        return None
+    value = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return value if limit is None or len(value) <= limit else value[:limit - 1] + "…"
 
 
 class Manifest:
@@ -106,20 +117,20 @@ class Manifest:
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO descriptions VALUES (?, ?, ?)",
-                [(entity, source, text) for entity, text in descriptions])
+                [(entity, source, _text(text)) for entity, text in descriptions])
             self._db.executemany(
                 "INSERT OR IGNORE INTO images (entity, url, source, priority, status, updated) VALUES (?, ?, ?, ?, 'pending', ?)",
-                [(entity, url, source, priority, now) for entity, url, priority in candidates])
-            self._db.executemany("INSERT OR REPLACE INTO links VALUES (?, ?)", list(links))
+                [(entity, _text(url), source, priority, now) for entity, url, priority in candidates])
+            self._db.executemany("INSERT OR REPLACE INTO links VALUES (?, ?)", [(e, _text(uri)) for e, uri in links])
             self._db.executemany(
                 "INSERT OR REPLACE INTO lookups VALUES (?, ?, ?, ?, ?)",
-                [(entity, source, status, reason, now) for entity, status, reason in outcomes])
+                [(entity, source, status, _text(reason, MAX_REASON), now) for entity, status, reason in outcomes])
 
     def record_image(self, entity: int, url: str, status: str, digest: str | None, reason: str | None) -> None:
         with self._db:
             self._db.execute(
                 "UPDATE images SET status=?, digest=?, reason=?, attempts=attempts+1, updated=? WHERE entity=? AND url=?",
-                (status, digest, reason, time.time(), entity, url))
+                (status, digest, _text(reason, MAX_REASON), time.time(), entity, url))
 
     # --- reading --------------------------------------------------------------------
     def wikidata_links(self) -> dict[int, str]:

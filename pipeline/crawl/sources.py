@@ -13,6 +13,12 @@ Web sources (endpoint base URLs from ``crawl.endpoints``):
 - ``wikidata-p18``: the ``P18`` (image) claims of ``wbgetentities`` on the Wikidata API,
   ``crawl.wikidata_batch`` ids per request; a claim is a Commons file name.
 
+Replies are validated: a reply that is not the expected JSON shape fails the batch; a row
+or record of the wrong shape (a list or number where an object or string belongs, a string
+with a lone surrogate) fails the entity it belongs to. Either way the entities are recorded
+``failed`` with the reason (retried by ``--retry-failed``), never ``missing``. DBpedia IRIs
+are sent with every character the SPARQL ``IRIREF`` grammar excludes percent-encoded.
+
 Every Commons file (P18 values and DBpedia ``.../Special:FilePath/NAME`` URLs alike) is
 fetched as ``<commons_file_path>NAME?width=<max_side>``: Commons redirects that to a
 server-side thumbnail (PNG for SVG files), and one file met through several sources is
@@ -22,7 +28,8 @@ Local sources (no network; they rescan on every run):
 
 - ``local-folder``: image files ``DIR/<name>.<ext>`` or ``DIR/<name>/<anything>.<ext>``
   (ext in :data:`IMAGE_EXTENSIONS`, case-insensitive), where ``<name>`` is one of the
-  entity's :func:`file_names`;
+  entity's :func:`file_names`. Entries that resolve outside the folder (symlinks) or are
+  not regular files are refused: an entity with only refused files is ``failed``;
 - ``csv``: a manifest with header ``key,image,description`` (any order; any value may be
   empty; several rows per key allowed). ``key`` is an entity key or one of its
   :func:`file_names`; ``image`` a path (relative to the CSV's folder) or an http(s) URL.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +56,9 @@ NAMESPACES = (
 WIKIDATA_PREFIXES = ("http://www.wikidata.org/entity/", "https://www.wikidata.org/entity/")
 FILE_PATH_MARKER = "/Special:FilePath/"
 CSV_COLUMNS = ("key", "image", "description")
-SPARQL_IRI_ESCAPES = {c: urllib.parse.quote(c) for c in '<>"{}|^`\\ '}
+# IRIREF ::= '<' ([^<>"{}|^`\]-[#x00-#x20])* '>' (SPARQL 1.1): these characters are percent-encoded
+SPARQL_IRI_ESCAPES = {c: f"%{ord(c):02X}" for c in [*map(chr, range(0x21)), *'<>"{}|^`\\']}
+WIKIDATA_ITEM = re.compile(r"Q[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,9 @@ class LookupSource(Protocol):
 
 def local_name(key: str) -> str:
     """The key without its namespace: ``http://dbpedia.org/resource/AC/DC`` -> ``AC/DC``."""
-    key = key.strip().removeprefix("<").removesuffix(">")
+    key = key.strip()
+    if key.startswith("<") and key.endswith(">"):  # an N-Triples style <IRI>
+        key = key[1:-1]
     for namespace in NAMESPACES:
         if key.startswith(namespace):
             return key[len(namespace):]
@@ -103,19 +115,48 @@ def commons_url(name: str, base: str, width: int) -> str:
     return f"{base}{urllib.parse.quote(name.replace(' ', '_'), safe='')}?width={width}"
 
 
+def wikidata_id(uri: str) -> str | None:
+    """``Q42`` of ``http://www.wikidata.org/entity/Q42`` (or of ``Q42``); None unless an item id."""
+    qid = uri.strip().rstrip("/").rsplit("/", 1)[-1]
+    return qid if WIKIDATA_ITEM.fullmatch(qid) else None
+
+
 def _failure(batch: list[EntityRef], error: FetchError) -> LookupResult:
     status = "unreachable" if error.unreachable else "failed"
     return LookupResult(outcomes=[(entity.id, status, error.reason) for entity in batch])
 
 
 def _json(body: bytes, what: str) -> dict:
+    """The JSON object in ``body``; :class:`FetchError` for anything else."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FetchError(f"malformed JSON from {what}: {error}") from None
-    if not isinstance(payload, dict):
-        raise FetchError(f"malformed JSON from {what}: not an object")
-    return payload
+    except (ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise FetchError(f"malformed JSON from {what}: {type(error).__name__}: {str(error)[:200]}") from None
+    return _object(payload, f"malformed JSON from {what}")
+
+
+def _object(value, where: str) -> dict:
+    """``value`` if it is a JSON object; :class:`FetchError` naming ``where`` otherwise."""
+    if not isinstance(value, dict):
+        raise FetchError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise FetchError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _text(value, where: str) -> str:
+    """``value`` if it is a string of valid Unicode; :class:`FetchError` otherwise."""
+    if not isinstance(value, str):
+        raise FetchError(f"{where}: expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FetchError(f"{where}: string with a lone surrogate") from None
+    return value
 
 
 @dataclass
@@ -129,13 +170,40 @@ class _Sparql:
             self.endpoint, method="POST",
             data={"query": query, "format": "application/sparql-results+json"},
             headers={"Accept": "application/sparql-results+json"})
-        bindings = _json(response.content, self.endpoint).get("results", {}).get("bindings")
-        if not isinstance(bindings, list):
-            raise FetchError(f"malformed SPARQL JSON from {self.endpoint}: no results.bindings")
-        return bindings
+        where = f"malformed SPARQL JSON from {self.endpoint}"
+        results = _object(_json(response.content, self.endpoint).get("results"), f"{where}: results")
+        return _list(results.get("bindings"), f"{where}: results.bindings")
+
+    def rows(self, bindings: list, index: dict[str, list[EntityRef]], names: tuple[str, ...]
+             ) -> tuple[list[tuple[EntityRef, dict[str, str | None]]], dict[int, str]]:
+        """``(entity, {name: value or None})`` per row of ``bindings`` whose ``?e`` is in
+        ``index``, and the entities that have a malformed row -> the reason. A row that is not
+        an object or has no ``?e`` fails the whole reply (:class:`FetchError`)."""
+        rows, malformed = [], {}
+        for i, row in enumerate(bindings):
+            where = f"malformed SPARQL JSON from {self.endpoint}: results.bindings[{i}]"
+            row = _object(row, where)
+            uri = self.value(row, "e", where)
+            if uri is None:
+                raise FetchError(f"{where}: no ?e")
+            try:
+                values = {name: self.value(row, name, where) for name in names}
+            except FetchError as error:
+                malformed.update((entity.id, error.reason) for entity in index.get(uri, []))
+                continue
+            rows.extend((entity, values) for entity in index.get(uri, []))
+        return rows, malformed
+
+    @staticmethod
+    def value(row: dict, name: str, where: str) -> str | None:
+        """The value of variable ``name`` in a result row; None when unbound."""
+        if name not in row:
+            return None
+        return _text(_object(row[name], f"{where}.{name}").get("value"), f"{where}.{name}.value")
 
 
 def _iri(uri: str) -> str:
+    """``uri`` as a SPARQL IRIREF, ``<...>``, excluded characters percent-encoded."""
     return "<" + "".join(SPARQL_IRI_ESCAPES.get(c, c) for c in uri) + ">"
 
 
@@ -153,22 +221,28 @@ def _split_linked(batch: list[EntityRef], attribute: str, what: str) -> tuple[li
 
 
 def _select_linked(
-    sparql: _Sparql, batch: list[EntityRef], query_for: Callable[[str], str]
-) -> tuple[list[EntityRef], dict[str, list[EntityRef]], list[dict] | None, LookupResult]:
-    """Run ``query_for(values)`` (``values``: the batch's DBpedia URIs as SPARQL ``<uri>`` terms).
+    sparql: _Sparql, batch: list[EntityRef], query_for: Callable[[str], str], names: tuple[str, ...]
+) -> tuple[list[EntityRef], list[tuple[EntityRef, dict[str, str | None]]], LookupResult]:
+    """Run ``query_for(values)`` (``values``: the batch's DBpedia URIs as SPARQL ``<uri>`` terms)
+    and read the variables ``names`` of each row (see :meth:`_Sparql.rows`).
 
-    Returns the linked entities, their URI index, the bindings, and the result so far; the
-    bindings are None when no entity is linked or the query failed (the result then holds
-    every entity's outcome).
+    Returns the entities still to judge, their rows, and the result so far: the outcomes of
+    entities without a DBpedia URI, of entities with a malformed row (``failed``), and of
+    every entity when the query or its reply failed.
     """
     linked, result = _split_linked(batch, "dbpedia", "DBpedia")
     if not linked:
-        return linked, {}, None, result
+        return [], [], result
     index = _by_uri(linked)
     try:
-        return linked, index, sparql.select(query_for(" ".join(f"<{uri}>" for uri in index))), result
+        bindings = sparql.select(query_for(" ".join(f"<{uri}>" for uri in index)))
+        rows, malformed = sparql.rows(bindings, index, names)
     except FetchError as error:
-        return linked, index, None, LookupResult(outcomes=result.outcomes + _failure(linked, error).outcomes)
+        result.outcomes.extend(_failure(linked, error).outcomes)
+        return [], [], result
+    result.outcomes.extend((e.id, "failed", malformed[e.id]) for e in linked if e.id in malformed)
+    return ([e for e in linked if e.id not in malformed], [(e, v) for e, v in rows if e.id not in malformed],
+            result)
 
 
 class DbpediaAbstracts:
@@ -180,18 +254,15 @@ class DbpediaAbstracts:
         self.sparql, self.language, self.batch_size = _Sparql(client, endpoint), language, batch_size
 
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
-        linked, index, bindings, result = _select_linked(self.sparql, batch, lambda values: (
+        linked, rows, result = _select_linked(self.sparql, batch, lambda values: (
             "PREFIX dbo: <http://dbpedia.org/ontology/>\n"
             f"SELECT ?e ?abstract WHERE {{ VALUES ?e {{ {values} }}\n"
-            f"  ?e dbo:abstract ?abstract FILTER(LANG(?abstract) = \"{self.language}\") }}"))
-        if bindings is None:
-            return result
+            f"  ?e dbo:abstract ?abstract FILTER(LANG(?abstract) = \"{self.language}\") }}"), ("abstract",))
         found: dict[int, str] = {}
-        for row in bindings:
-            text = row.get("abstract", {}).get("value", "").strip()
-            for entity in index.get(row.get("e", {}).get("value", ""), []):
-                if text and entity.id not in found:
-                    found[entity.id] = text
+        for entity, values in rows:
+            text = (values["abstract"] or "").strip()
+            if text and entity.id not in found:
+                found[entity.id] = text
         result.descriptions.extend(found.items())
         result.outcomes.extend((e.id, "done", None) if e.id in found else (e.id, "missing", "no abstract")
                                for e in linked)
@@ -215,24 +286,22 @@ class DbpediaImages:
 
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
         predicates = " ".join(f"<{p}>" for p in (*self.PREDICATES, self.SAME_AS))
-        linked, index, bindings, result = _select_linked(self.sparql, batch, lambda values: (
+        linked, rows, result = _select_linked(self.sparql, batch, lambda values: (
             f"SELECT ?e ?p ?o WHERE {{ VALUES ?e {{ {values} }}\n"
             f"  VALUES ?p {{ {predicates} }} ?e ?p ?o\n"
-            f"  FILTER(?p != <{self.SAME_AS}> || STRSTARTS(STR(?o), \"http://www.wikidata.org/entity/\")) }}"))
-        if bindings is None:
-            return result
+            f"  FILTER(?p != <{self.SAME_AS}> || STRSTARTS(STR(?o), \"http://www.wikidata.org/entity/\")) }}"),
+            ("p", "o"))
         images: dict[int, set[str]] = {}
-        for row in bindings:
-            predicate, value = row.get("p", {}).get("value"), row.get("o", {}).get("value", "")
-            for entity in index.get(row.get("e", {}).get("value", ""), []):
-                if predicate == self.SAME_AS and value.startswith(WIKIDATA_PREFIXES):
-                    result.links.append((entity.id, value))
-                elif predicate in self.PREDICATES and value:
-                    name = commons_file_name(value)
-                    url = commons_url(name, self.commons_base, self.width) if name else value
-                    if url not in images.setdefault(entity.id, set()):
-                        images[entity.id].add(url)
-                        result.candidates.append((entity.id, url, self.priority + self.PREDICATES[predicate]))
+        for entity, values in rows:
+            predicate, value = values["p"], (values["o"] or "").strip()
+            if predicate == self.SAME_AS and value.startswith(WIKIDATA_PREFIXES) and wikidata_id(value):
+                result.links.append((entity.id, value))
+            elif predicate in self.PREDICATES and value:
+                name = commons_file_name(value)
+                url = commons_url(name, self.commons_base, self.width) if name else value
+                if url not in images.setdefault(entity.id, set()):
+                    images[entity.id].add(url)
+                    result.candidates.append((entity.id, url, self.priority + self.PREDICATES[predicate]))
         result.outcomes.extend((e.id, "done", None) if images.get(e.id) else (e.id, "missing", "no depiction/thumbnail")
                                for e in linked)
         return result
@@ -249,35 +318,60 @@ class WikidataImages:
 
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
         linked, result = _split_linked(batch, "wikidata", "Wikidata")
+        ids = {entity.id: wikidata_id(entity.wikidata) for entity in linked}
+        result.outcomes.extend((e.id, "failed", f"not a Wikidata item URI: {e.wikidata!r}") for e in linked
+                               if ids[e.id] is None)
+        linked = [entity for entity in linked if ids[entity.id]]
         if not linked:
             return result
-        ids = {entity.id: entity.wikidata.rstrip("/").rsplit("/", 1)[-1] for entity in linked}
-        query = urllib.parse.urlencode({"action": "wbgetentities", "ids": "|".join(sorted(set(ids.values()))),
+        query = urllib.parse.urlencode({"action": "wbgetentities", "ids": "|".join(sorted({ids[e.id] for e in linked})),
                                         "props": "claims", "format": "json"})
         try:
-            payload = _json(self.client.fetch(f"{self.api}?{query}").content, self.api)
+            entities = self._entities(_json(self.client.fetch(f"{self.api}?{query}").content, self.api))
         except FetchError as error:
             return LookupResult(outcomes=result.outcomes + _failure(linked, error).outcomes)
-        entities = payload.get("entities") if isinstance(payload.get("entities"), dict) else {}
         for entity in linked:
-            record = entities.get(ids[entity.id])
-            if not isinstance(record, dict) or "missing" in record:
-                result.outcomes.append((entity.id, "missing", f"Wikidata has no entity {ids[entity.id]}"))
+            qid = ids[entity.id]
+            try:
+                record = _object(entities.get(qid), f"malformed Wikidata JSON from {self.api}: entities.{qid}")
+                if "missing" in record:
+                    result.outcomes.append((entity.id, "missing", f"Wikidata has no entity {qid}"))
+                    continue
+                files = self._p18_files(record, f"malformed Wikidata JSON from {self.api}: entities.{qid}")
+            except FetchError as error:
+                result.outcomes.append((entity.id, "failed", error.reason))
                 continue
-            files = self._p18_files(record)
             result.candidates.extend((entity.id, commons_url(name, self.commons_base, self.width), self.priority + i)
                                      for i, name in enumerate(files))
             result.outcomes.append((entity.id, "done", None) if files else (entity.id, "missing", "no P18 claim"))
         return result
 
+    def _entities(self, payload: dict) -> dict:
+        """The ``entities`` object of a ``wbgetentities`` reply; an API error is a FetchError."""
+        if "entities" not in payload and isinstance(payload.get("error"), dict):
+            error = payload["error"]
+            raise FetchError(f"Wikidata API error from {self.api}: {str(error.get('code'))[:100]}: "
+                             f"{str(error.get('info'))[:300]}")
+        return _object(payload.get("entities"), f"malformed Wikidata JSON from {self.api}: entities")
+
     @staticmethod
-    def _p18_files(record: dict) -> list[str]:
-        """P18 file names, preferred-rank claims first, deprecated ones dropped."""
-        claims = (record.get("claims") or {}).get("P18") or []
+    def _p18_files(record: dict, where: str) -> list[str]:
+        """P18 file names, preferred-rank claims first, deprecated ones and claims without a
+        value (``somevalue``/``novalue``) dropped; FetchError for a malformed record."""
+        claims = record.get("claims", {})
+        if claims == []:  # the API writes an empty claim map as a list
+            return []
+        claims = _list(_object(claims, f"{where}.claims").get("P18", []), f"{where}.claims.P18")
         ranked = []
-        for claim in claims:
-            value = ((claim.get("mainsnak") or {}).get("datavalue") or {}).get("value")
-            if isinstance(value, str) and value and claim.get("rank") != "deprecated":
+        for i, claim in enumerate(claims):
+            here = f"{where}.claims.P18[{i}]"
+            claim = _object(claim, here)
+            snak = _object(claim.get("mainsnak"), f"{here}.mainsnak")
+            if snak.get("snaktype", "value") != "value" or claim.get("rank") == "deprecated":
+                continue
+            value = _text(_object(snak.get("datavalue"), f"{here}.mainsnak.datavalue").get("value"),
+                          f"{here}.mainsnak.datavalue.value").strip()
+            if value:
                 ranked.append((claim.get("rank") != "preferred", value))
         return list(dict.fromkeys(value for _, value in sorted(ranked, key=lambda pair: pair[0])))
 
@@ -290,22 +384,62 @@ class LocalFolder:
     def __init__(self, folder: Path, priority: int):
         if not folder.is_dir():
             raise DataError(folder, "image folder not found")
-        self.priority = priority
-        self.files: dict[str, list[Path]] = {}
-        for path in sorted(folder.iterdir()):
+        self.folder, self.root, self.priority = folder, folder.resolve(), priority
+        self.files: dict[str, list[Path]] = {}  # name -> resolved paths inside the folder
+        self.refused: dict[str, list[str]] = {}  # name -> why an entry was refused
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as error:
+            raise DataError(folder, f"cannot list the image folder: {error.strerror or error}") from None
+        for path in entries:
             if path.is_dir():
-                images = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-                self.files.setdefault(path.name, []).extend(images)
+                self._scan_subfolder(path)
             elif path.suffix.lower() in IMAGE_EXTENSIONS:
-                self.files.setdefault(path.stem, []).append(path)
+                self._add(path.stem, path)
         self.batch_size = 1 << 30  # no network: one batch
+
+    def _inside(self, path: Path) -> Path | str:
+        """``path`` resolved, if it stays inside the folder; else why it is refused."""
+        shown = path.relative_to(self.folder)
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError) as error:  # broken link, symlink loop
+            return f"{shown}: cannot resolve ({type(error).__name__})"
+        if not target.is_relative_to(self.root):
+            return f"{shown}: refused, a symlink that leads out of the folder"
+        return target
+
+    def _add(self, name: str, path: Path) -> None:
+        target = self._inside(path)
+        if isinstance(target, Path) and not target.is_file():
+            target = f"{path.relative_to(self.folder)}: refused, not a regular file"
+        if isinstance(target, str):
+            self.refused.setdefault(name, []).append(target)
+        else:
+            self.files.setdefault(name, []).append(target)
+
+    def _scan_subfolder(self, path: Path) -> None:
+        inside = self._inside(path)
+        try:
+            entries = sorted(path.iterdir()) if isinstance(inside, Path) else []
+        except OSError as error:
+            inside = f"{path.relative_to(self.folder)}: cannot list ({error.strerror or type(error).__name__})"
+        if isinstance(inside, str):
+            self.refused.setdefault(path.name, []).append(inside)
+        for entry in entries:
+            if entry.suffix.lower() in IMAGE_EXTENSIONS and not entry.is_dir():
+                self._add(path.name, entry)
 
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
         result = LookupResult()
         for entity in batch:
-            paths = [path for name in file_names(entity.key) for path in self.files.get(name, [])]
-            result.candidates.extend((entity.id, str(path.resolve()), self.priority + i) for i, path in enumerate(paths))
-            result.outcomes.append((entity.id, "done", None) if paths else (entity.id, "missing", "no file"))
+            names = file_names(entity.key)
+            paths = [path for name in names for path in self.files.get(name, [])]
+            refused = [reason for name in names for reason in self.refused.get(name, [])]
+            result.candidates.extend((entity.id, str(path), self.priority + i) for i, path in enumerate(paths))
+            result.outcomes.append((entity.id, "done", None) if paths else
+                                   (entity.id, "failed", "; ".join(refused)) if refused else
+                                   (entity.id, "missing", "no file"))
         return result
 
 
