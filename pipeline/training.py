@@ -7,6 +7,7 @@ One step::
     positive_scores, negative_scores = model.score_batch(positives, negatives...)
     loss = kgc_loss(positive_scores, negative_scores, subsampling weights)
            + model.regularization(positives) + sampler.auxiliary_loss(...)
+           (a sampler without negatives, NS-KGE: sampler.whole_graph_loss + regularisation)
     sparse embedding gradients -> dense; Adam step (model lr, sampler group sampler_lr)
 
 Every ``valid_every`` steps (and at the last step) ``validate(model)`` gives VALID metrics;
@@ -175,6 +176,27 @@ def load_model(path: str | Path, graph: KnowledgeGraph, device: torch.device | s
     return model.to(device).eval()
 
 
+def step_loss(
+    model: KGCModel,
+    sampler: NegativeSampler,
+    loss_fn: KGCLoss,
+    positives: torch.Tensor,
+    step: int,
+    subsampling: SubsamplingWeights | None = None,
+) -> torch.Tensor:
+    """The loss of one training step on ``positives [B, 3]``: sample, score, KGC loss,
+    regularisation, the sampler's auxiliary loss. A sampler that draws no negatives
+    (``draws_negatives`` False, NS-KGE) gives its whole-graph loss instead of the last three."""
+    weights = subsampling(positives) if subsampling is not None else None
+    if not sampler.draws_negatives:
+        return sampler.whole_graph_loss(positives, model, weights) + model.regularization(positives)
+    negatives = sampler.sample(positives, model, step)
+    positive_scores, negative_scores = model.score_batch(positives, negatives.as_model_input(), negatives.corrupt_head)
+    loss = loss_fn(positive_scores, negative_scores, weights) + model.regularization(positives)
+    auxiliary = sampler.auxiliary_loss(positives, negatives, negative_scores, model)
+    return loss if auxiliary is None else loss + auxiliary
+
+
 @dataclass
 class LoopState:
     """Everything of the loop besides modules: progress, metrics, and loss accumulators."""
@@ -260,13 +282,7 @@ def fit(
     while not finished:
         step_start = time.perf_counter()
         positives = train[batches.next().to(device)]
-        negatives = sampler.sample(positives, model, state.step)
-        positive_scores, negative_scores = model.score_batch(positives, negatives.as_model_input(), negatives.corrupt_head)
-        weights = subsampling(positives) if subsampling is not None else None
-        loss = loss_fn(positive_scores, negative_scores, weights) + model.regularization(positives)
-        auxiliary = sampler.auxiliary_loss(positives, negatives, negative_scores, model)
-        if auxiliary is not None:
-            loss = loss + auxiliary
+        loss = step_loss(model, sampler, loss_fn, positives, state.step, subsampling)
         value = loss.item()
         if not math.isfinite(value):
             where = f"{last_path} (step {read_checkpoint(last_path)['step']})" if last_path.is_file() else "none written yet"

@@ -45,6 +45,10 @@ class NegativeSampler(nn.Module, abc.ABC):
         self.num_negatives = num_negatives
         self.generator = torch.Generator().manual_seed(seed)
 
+    #: False for a sampler whose loss covers every entity without drawing negatives (NS-KGE):
+    #: the training step calls :meth:`whole_graph_loss` instead of sample + KGC loss + auxiliary loss.
+    draws_negatives: bool = True
+
     @abc.abstractmethod
     def sample(self, positives: torch.Tensor, model: KGCModel, step: int) -> Negatives:
         """Negatives for ``positives [B, 3]`` at training step ``step`` (0-based)."""
@@ -54,6 +58,11 @@ class NegativeSampler(nn.Module, abc.ABC):
     ) -> torch.Tensor | None:
         """An extra loss term the sampler trains with (``negative_scores [B, n]``), or None."""
         return None
+
+    def whole_graph_loss(self, positives: torch.Tensor, model: KGCModel, weights: torch.Tensor | None) -> torch.Tensor:
+        """The training loss of ``positives [B, 3]`` against every entity (samplers with
+        ``draws_negatives`` False); ``weights [B]`` optional row weights."""
+        raise NotImplementedError(f"{type(self).__name__} draws negatives; it has no whole-graph loss")
 
     def get_extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}

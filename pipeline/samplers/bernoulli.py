@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.graph import KnowledgeGraph
 from pipeline.samplers.base import SAMPLERS
 from pipeline.samplers.uniform import UniformSampler
@@ -39,3 +40,17 @@ class BernoulliSampler(UniformSampler):
 
     def head_probability(self, relations: torch.Tensor) -> torch.Tensor:
         return self.probabilities[relations]
+
+
+#: How a model-aware sampler chooses the corrupted side: ``bernoulli`` (tph / (tph + hpt) of
+#: the relation) or ``uniform`` (1/2).
+SIDE_CHOICES = ("bernoulli", "uniform")
+
+
+def side_probabilities(train: torch.Tensor, num_relations: int, choice: str, option: str) -> torch.Tensor:
+    """Head-corruption probability ``[R]`` per relation for ``choice`` (one of
+    :data:`SIDE_CHOICES`); ``option`` names the params key in the error."""
+    if choice not in SIDE_CHOICES:
+        raise ConfigError(f"{option} must be one of {', '.join(SIDE_CHOICES)}, got {choice!r}")
+    probabilities = head_corruption_probabilities(train, num_relations)
+    return probabilities if choice == "bernoulli" else torch.full_like(probabilities, 0.5)
