@@ -17,7 +17,7 @@ from pipeline.evaluation import evaluate
 from pipeline.graph import KnowledgeGraph, load_graph
 from pipeline.losses import NegativeSamplingLoss, SubsamplingWeights
 from pipeline.models import build_model
-from pipeline.samplers import SAMPLERS
+from pipeline.samplers import build_sampler
 from pipeline.samplers.uniform import UniformSampler
 from pipeline.training import TrainingDiverged, TrainSettings, build_optimizer, fit, load_model, read_checkpoint
 from stages.train import check_sampler_section, check_train_section
@@ -47,7 +47,7 @@ class Run:
     def __call__(self, directory: Path, validate=None, loss=None, settings=None):
         torch.manual_seed(self.settings.seed)
         model = build_model(self.model_name, self.graph, SHARED)
-        sampler = SAMPLERS.get(self.sampler_name)(self.graph, 4, 11, **self.sampler_options)
+        sampler = build_sampler(self.sampler_name, self.sampler_options, self.graph, model, 4, 11)
         weights = SubsamplingWeights(self.graph.train, 30, 3) if self.subsampling else None
         validate = validate or (lambda m: evaluate(m, self.graph, "valid")["realistic"]["both"])
         config = {"name": self.model_name, "shared": SHARED, "options": {}}
@@ -77,6 +77,10 @@ def same_parameters(a: nn.Module, b: nn.Module) -> bool:
     [
         {"model": "TransE", "sampler": "uniform"},
         {"model": "ComplEx", "sampler": "bernoulli", "sampler_options": {"exclude_positives": True}, "subsampling": True},
+        {"model": "TransE", "sampler": "kbgan", "sampler_options": {"generator_dim": 4, "candidates": 6}},
+        {"model": "DistMult", "sampler": "nscaching", "sampler_options": {"cache_size": 5, "candidates": 5}},
+        {"model": "TransE", "sampler": "sans", "sampler_options": {"variant": "random_walk", "num_walks": 5, "exclude_positives": True}},
+        {"model": "ComplEx", "sampler": "ns-kge"},
     ],
 )
 def test_interrupted_run_resumes_bit_identical(tmp_path, options):
