@@ -2,6 +2,8 @@
 with its status, so a killed crawl resumes where it stopped and nothing done is lost.
 
 Each result is committed as soon as it arrives (one transaction per lookup batch or image).
+Closing a writer rewrites the file canonically (rows in key order, no clock time), so
+identical crawls leave byte-identical files.
 Text is stored as valid UTF-8 whatever it holds (a lone surrogate is written as ``\\udXXX``),
 and a reason is cut at :data:`MAX_REASON` characters, so no text can fail a write.
 
@@ -14,14 +16,17 @@ Tables:
 - ``images(entity, url, source, priority, status, digest, reason, attempts, updated)``: image
   candidates found by lookups (``status='pending'``) and the outcome of their download.
 
+``updated`` is the number of the crawl run (1, 2, ...; ``PRAGMA user_version`` holds the last)
+that last wrote the row: a run number, not a clock time, keeps the file deterministic.
+
 Statuses (:data:`STATUSES`): ``pending`` (image not yet downloaded), ``done``, ``missing``
 (the source has nothing for the entity), ``failed`` (final for this run; ``--retry-failed``
 retries), ``unreachable`` (the host could not be reached; retried by every new run).
 """
 from __future__ import annotations
 
+import os
 import sqlite3
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +34,7 @@ from pipeline.errors import DataError
 
 STATUSES = ("pending", "done", "missing", "failed", "unreachable")
 MAX_REASON = 1000  # characters
+KEYS = {"lookups": "entity, source", "descriptions": "entity, source", "links": "entity", "images": "entity, url"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lookups (
@@ -55,9 +61,10 @@ def _text(value: str | None, limit: int | None = None) -> str | None:
 class Manifest:
     """The manifest of one crawl directory. Use from a single thread.
 
-    A writer uses the WAL journal while open and switches back to a plain rollback journal
-    on close, so a finished crawl leaves one self-contained file; after a kill the ``-wal``
-    file holds the committed work and the next open recovers it. ``readonly`` opens an
+    A writer uses the WAL journal while open; on close it replaces the file (atomically) by a
+    canonical copy in a plain rollback journal, so a finished crawl leaves one self-contained,
+    deterministic file; after a kill the ``-wal`` file holds the committed work and the next
+    open recovers it. ``readonly`` opens an
     existing manifest without writing anything (the align stage).
     """
 
@@ -73,15 +80,26 @@ class Manifest:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self.run = self._db.execute("PRAGMA user_version").fetchone()[0] + 1
+        self._db.execute(f"PRAGMA user_version={self.run}")
         self._db.commit()
 
     def close(self) -> None:
-        if not self.readonly:
-            try:
-                self._db.execute("PRAGMA journal_mode=DELETE")
-            except sqlite3.OperationalError:  # another reader holds the file: it stays in WAL mode
-                pass
+        if self.readonly:
+            self._db.close()
+            return
+        canonical = self.path.with_name(f".{self.path.name}.canonical")
+        canonical.unlink(missing_ok=True)
+        self._db.commit()
+        self._db.execute("ATTACH DATABASE ? AS canonical", (str(canonical),))
+        with self._db:
+            self._db.executescript(SCHEMA.replace("IF NOT EXISTS ", "IF NOT EXISTS canonical."))
+            for table, key in KEYS.items():
+                self._db.execute(f"INSERT INTO canonical.{table} SELECT * FROM main.{table} ORDER BY {key}")
+        self._db.execute(f"PRAGMA canonical.user_version={self.run}")
+        self._db.execute("DETACH DATABASE canonical")
         self._db.close()
+        os.replace(canonical, self.path)
 
     def __enter__(self) -> Manifest:
         return self
@@ -113,7 +131,7 @@ class Manifest:
         """One transaction: lookup ``(entity, status, reason)`` rows of ``source`` with the
         descriptions ``(entity, text)``, image candidates ``(entity, url, priority)`` (lower first) and Wikidata
         links ``(entity, uri)`` they found."""
-        now = time.time()
+        now = self.run
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO descriptions VALUES (?, ?, ?)",
@@ -130,7 +148,7 @@ class Manifest:
         with self._db:
             self._db.execute(
                 "UPDATE images SET status=?, digest=?, reason=?, attempts=attempts+1, updated=? WHERE entity=? AND url=?",
-                (status, digest, _text(reason, MAX_REASON), time.time(), entity, url))
+                (status, digest, _text(reason, MAX_REASON), self.run, entity, url))
 
     # --- reading --------------------------------------------------------------------
     def wikidata_links(self) -> dict[int, str]:
