@@ -197,6 +197,15 @@ def step_loss(
     return loss if auxiliary is None else loss + auxiliary
 
 
+def stop_horizon(state: "LoopState", settings: TrainSettings) -> int:
+    """The step by which the run ends unless VALID MRR improves: ``settings.steps``, or the
+    validation at which early stopping's patience runs out (the progress bar's total, so its
+    ETA holds under early stopping; an improvement moves it on)."""
+    last = state.history[-1]["step"] if state.history else 0
+    remaining = settings.patience - state.bad_validations if state.best else settings.patience + 1
+    return min(settings.steps, (last // settings.valid_every + remaining) * settings.valid_every)
+
+
 @dataclass
 class LoopState:
     """Everything of the loop besides modules: progress, metrics, and loss accumulators."""
@@ -278,7 +287,7 @@ def fit(
     session_start = time.perf_counter()
     wall_before = state.wall_seconds
     finished = state.stopped_early or state.step >= settings.steps
-    bar = tqdm(total=settings.steps, initial=state.step, desc="train", unit="step", disable=not progress or finished)
+    bar = tqdm(total=stop_horizon(state, settings), initial=state.step, desc="train", unit="step", disable=not progress or finished)
     while not finished:
         step_start = time.perf_counter()
         positives = train[batches.next().to(device)]
@@ -317,7 +326,8 @@ def fit(
             finished = state.stopped_early or state.step >= settings.steps
             state.wall_seconds = wall_before + time.perf_counter() - session_start
             save(last_path, full=True)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", valid_mrr=f"{metrics['mrr']:.4f}")
+            bar.total = stop_horizon(state, settings)  # "max N" in the postfix when early stopping bounds it
+            bar.set_postfix(loss=f"{row['loss']:.4f}", valid_mrr=f"{metrics['mrr']:.4f}", max=settings.steps)
     bar.close()
     return TrainingResult(
         step=state.step,
