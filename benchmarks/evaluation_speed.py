@@ -12,7 +12,7 @@ released script: 207 s).
     python benchmarks/evaluation_speed.py [--data data/mkg-w] [--models TransE,DistMult,ComplEx]
 
 Without ``data/mkg-w`` the canonical dataset is built in a temporary directory from the
-mirror in ``$MMRNS_DATA_MIRROR``.
+mirror in ``$MMRNS_DATA_MIRROR``, else from the copy embedded in ``datasets/mkg-w/``.
 """
 from __future__ import annotations
 
@@ -82,12 +82,10 @@ class PeakRSS:
 def load_mkg_w(data: Path) -> KnowledgeGraph:
     if (data / "train.parquet").is_file():
         return load_graph(data)
-    mirror = os.environ.get("MMRNS_DATA_MIRROR")
-    if not mirror:
-        sys.exit(f"{data} does not exist and MMRNS_DATA_MIRROR is not set")
+    mirror = os.environ.get("MMRNS_DATA_MIRROR") or None
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "mkg-w"
-        import_dataset(load_manifest(REPO / "datasets" / "mkg-w.yaml"), out, mirror=mirror)
+        import_dataset(load_manifest(REPO / "datasets" / "mkg-w.yaml"), out, mirror=mirror, embedded=REPO / "datasets" / "mkg-w")
         return load_graph(out)
 
 
