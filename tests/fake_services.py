@@ -5,7 +5,9 @@ that answers in the real services' formats and injects faults on chosen paths.
 - ``POST /sparql`` (form ``query``): SPARQL 1.1 JSON results. A query mentioning
   ``dbo:abstract`` gets ``?e ?abstract`` rows from :attr:`FakeServices.abstracts`; any
   other gets ``?e ?p ?o`` rows (foaf:depiction, dbo:thumbnail, owl:sameAs) from
-  :attr:`depictions` and :attr:`same_as`. Entities are read from ``VALUES ?e { <...> }``.
+  :attr:`depictions` and :attr:`same_as`. Entities are read from ``VALUES ?e { <...> }``;
+  like a real endpoint, a query whose block is not a list of valid ``IRIREF`` terms (a
+  character the SPARQL grammar excludes, unescaped) is answered ``400``.
 - ``GET /w/api.php?action=wbgetentities&ids=Q1|Q2``: Wikidata entity JSON with ``P18``
   claims from :attr:`p18` (``{"missing": ""}`` for unknown ids).
 - ``GET /wiki/Special:FilePath/NAME``: 302 to ``/files/NAME`` (as Commons redirects to
@@ -14,7 +16,9 @@ that answers in the real services' formats and injects faults on chosen paths.
 
 Faults: :attr:`faults` maps a path to a list of responses ``(status, headers, body)``
 served (and consumed) before the normal answer; :attr:`delays` maps a path prefix to
-seconds slept before answering (a slow or timing-out endpoint).
+seconds slept before answering (a slow or timing-out endpoint); :attr:`trickle` maps a path
+to ``(seconds, phase)``: the answer is written one byte every ``seconds``, from its first
+byte (``phase="headers"``) or from the body's (``"body"``).
 
 :attr:`hits` counts completed answers per item: per path for files and redirects, per
 entity IRI (``sparql:abstract:<iri>``/``sparql:image:<iri>``) and per Wikidata id
@@ -28,6 +32,7 @@ import json
 import re
 import select
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -40,6 +45,7 @@ DEPICTION = "http://xmlns.com/foaf/0.1/depiction"
 THUMBNAIL = "http://dbpedia.org/ontology/thumbnail"
 SAME_AS = "http://www.w3.org/2002/07/owl#sameAs"
 FILE_PATH = "/wiki/Special:FilePath/"
+IRIREFS = re.compile(r'\s*(?:<[^<>"{}|^`\\\x00-\x20]*>\s*)*')  # SPARQL 1.1 IRIREF terms, space separated
 
 
 def image_bytes(size=(64, 48), color=(200, 30, 30), fmt="JPEG", mode="RGB") -> bytes:
@@ -53,6 +59,20 @@ def image_bytes(size=(64, 48), color=(200, 30, 30), fmt="JPEG", mode="RGB") -> b
     return out.getvalue()
 
 
+def decoder_bug_images() -> dict[str, bytes]:
+    """Malformed files of rarer formats on which Pillow's decoder raises something other
+    than its usual errors (found by fuzzing Pillow 13): name -> bytes."""
+    dds = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(dds, format="DDS")
+    dds = bytearray(dds.getvalue())
+    struct.pack_into("<I", dds, 80, 0)  # pixel format flags 0: NotImplementedError
+    spider = io.BytesIO()
+    Image.new("F", (8, 8)).save(spider, format="SPIDER")
+    spider = bytearray(spider.getvalue())
+    struct.pack_into("<f", spider, 26 * 4, 1.0)  # image number 1 of no stack: AttributeError
+    return {"NotImplementedError": bytes(dds), "AttributeError": bytes(spider)}
+
+
 class FakeServices:
     def __init__(self, lifetime: float = 120.0):
         self.abstracts: dict[str, str] = {}  # dbpedia IRI -> abstract (en)
@@ -62,6 +82,7 @@ class FakeServices:
         self.files: dict[str, bytes] = {}  # file name -> bytes served at /files/NAME
         self.faults: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
         self.delays: dict[str, float] = {}  # path prefix -> seconds
+        self.trickle: dict[str, tuple[float, str]] = {}  # path -> (seconds per byte, "headers" | "body")
         self.hits: Counter[str] = Counter()
         self.requests: list[tuple[float, str]] = []  # (arrival time, path) of every request
         self._lock = threading.Lock()
@@ -92,8 +113,11 @@ class FakeServices:
         return "/files/" + urllib.parse.quote(name)
 
     # --- answers --------------------------------------------------------------------
-    def _sparql(self, query: str) -> tuple[list[str], list[dict]]:
+    def _sparql(self, query: str) -> tuple[list[str], list[dict]] | None:
+        """Keys and rows answering ``query``; None for a syntax error."""
         block = re.search(r"VALUES \?e \{([^}]*)\}", query)
+        if block and not IRIREFS.fullmatch(block.group(1)):
+            return None
         iris = re.findall(r"<([^>]*)>", block.group(1)) if block else []
         rows: list[dict] = []
         if "dbo:abstract" in query:
@@ -169,6 +193,9 @@ class FakeServices:
                     self.send_header(name, value)
                 if "Content-Length" not in headers:
                     self.send_header("Content-Length", str(len(payload)))
+                if path in services.trickle:
+                    self._trickle(payload, *services.trickle[path])
+                    return
                 self.end_headers()
                 try:
                     self.wfile.write(payload)
@@ -179,13 +206,34 @@ class FakeServices:
                     with services._lock:
                         services.hits.update(keys)
 
+            def _trickle(self, payload: bytes, seconds: float, phase: str) -> None:
+                """Write the buffered headers and ``payload`` one byte every ``seconds`` (from the
+                body's first byte with ``phase="body"``), until done or the client leaves."""
+                self.close_connection = True
+                self._headers_buffer.append(b"\r\n")
+                head, self._headers_buffer = b"".join(self._headers_buffer), []
+                if phase == "body":
+                    self.wfile.write(head)
+                    head = b""
+                data = head + payload
+                for i in range(len(data)):
+                    try:
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(seconds)
+
             def _answer(self, method, path, query, body, fault):
                 if fault is not None:
                     return [], fault
                 params = urllib.parse.parse_qs(query)
                 if path == "/sparql" and method == "POST":
                     form = urllib.parse.parse_qs(body.decode())
-                    keys, rows = services._sparql(form.get("query", [""])[0])
+                    answer = services._sparql(form.get("query", [""])[0])
+                    if answer is None:
+                        return [], (400, {"Content-Type": "text/plain"}, b"SPARQL syntax error: bad IRI")
+                    keys, rows = answer
                     payload = json.dumps({"head": {"vars": ["e"]}, "results": {"bindings": rows}}).encode()
                     return keys, (200, {"Content-Type": "application/sparql-results+json"}, payload)
                 if path == "/w/api.php" and params.get("action") == ["wbgetentities"]:

@@ -1,4 +1,5 @@
-"""The polite HTTP client: rate limit, Retry-After parsing, size limit, schemes, config."""
+"""The polite HTTP client: rate limit, Retry-After parsing, size limit, schemes, the total
+deadline (against trickling servers), config."""
 from __future__ import annotations
 
 import email.utils
@@ -9,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fake_services import FakeServices
 from pipeline.crawl.http import FetchError, HttpClient, HttpConfig, parse_retry_after
@@ -35,6 +38,50 @@ def test_retry_after_seconds_and_http_date():
     assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
     assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+HTTP_DATES = st.builds("{}, {} {} {} {}:{}:{} GMT".format, st.sampled_from(["Mon", "Xyz"]), st.integers(0, 99),
+                       st.sampled_from(["Jan", "Feb", "Foo"]), st.integers(0, 10 ** 6), *[st.integers(0, 99)] * 3)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.one_of(st.text(), HTTP_DATES))
+def test_retry_after_of_any_text_is_none_or_a_wait(value):
+    wait = parse_retry_after(value)
+    assert wait is None or wait >= 0
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_total_timeout_ends_an_answer_trickled_a_byte_at_a_time(services, phase):
+    services.files["slow.jpg"] = b"x" * 200
+    services.trickle["/files/slow.jpg"] = (0.1, phase)  # every read succeeds within read_timeout
+    start = time.monotonic()
+    with HttpClient(config(read_timeout=0.5, total_timeout=1.0, max_attempts=3)) as client, \
+            pytest.raises(FetchError, match="within total_timeout 1 s") as error:
+        client.fetch(f"{services.base}/files/slow.jpg")
+    assert 0.95 <= time.monotonic() - start < 1.5
+    assert not error.value.unreachable and len(services.requests) == 1  # not retried
+
+
+@pytest.mark.parametrize("fault, overrides", [
+    ((429, {"Retry-After": "3"}, b""), {}),  # below max_retry_after, beyond the deadline
+    ((503, {}, b""), {"backoff_base": 3.0, "backoff_max": 3.0}),
+])
+def test_a_wait_beyond_the_deadline_fails_at_once(services, fault, overrides):
+    services.files["a.jpg"] = b"x"
+    services.faults["/files/a.jpg"] = [fault]
+    start = time.monotonic()
+    with HttpClient(config(total_timeout=1.0, max_retry_after=10, **overrides)) as client, \
+            pytest.raises(FetchError, match="within total_timeout 1 s"):
+        client.fetch(f"{services.base}/files/a.jpg")
+    assert time.monotonic() - start < 0.5
+
+
+def test_a_slow_answer_within_the_deadline_is_kept(services):
+    services.files["a.jpg"] = b"y" * 10
+    services.trickle["/files/a.jpg"] = (0.05, "body")
+    with HttpClient(config(total_timeout=5.0)) as client:
+        assert client.fetch(f"{services.base}/files/a.jpg").content == b"y" * 10
 
 
 def test_per_host_rate_limit_spaces_concurrent_requests(services):
@@ -112,7 +159,7 @@ def test_unreachable_host_is_marked_down_after_consecutive_connection_failures()
 
 
 @pytest.mark.parametrize("field, value", [("user_agent", " "), ("concurrency", 0), ("read_timeout", 0),
-                                          ("max_bytes", 0), ("backoff_base", -1)])
+                                          ("total_timeout", 0), ("max_bytes", 0), ("backoff_base", -1)])
 def test_bad_config_is_a_config_error(field, value):
     with pytest.raises(ConfigError, match=field):
         config(**{field: value})

@@ -1,12 +1,17 @@
-"""Image verification, normalisation and the content-addressed store."""
+"""Image verification, normalisation (16-bit greyscale included; decoder bugs rejected, not
+raised) and the content-addressed store."""
 from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from fake_services import decoder_bug_images
 from pipeline.crawl.images import ImageConfig, ImageRejected, normalise_image, store_image
 from pipeline.media import image_path
 
@@ -21,7 +26,7 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 @pytest.mark.parametrize("mode, fmt", [
     ("RGB", "JPEG"), ("L", "PNG"), ("1", "PNG"), ("P", "GIF"), ("LA", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
-    ("RGB", "WEBP"), ("RGB", "BMP"),
+    ("RGB", "WEBP"), ("RGB", "BMP"), ("I;16", "PNG"), ("I;16", "TIFF"),
 ])
 def test_modes_become_rgb_jpeg_within_max_side(mode, fmt):
     source = Image.new(mode, (200, 50))
@@ -39,6 +44,40 @@ def test_transparent_pixels_are_composited_on_white():
 def test_small_images_are_not_enlarged():
     with Image.open(io.BytesIO(normalise_image(encode(Image.new("RGB", (20, 10)), "PNG"), CONFIG))) as result:
         assert result.size == (20, 10)
+
+
+def test_16_bit_greyscale_keeps_its_top_8_bits():
+    levels = np.repeat(np.array([0, 0x8000, 0xFFFF], dtype=np.uint16), 16)[None, :].repeat(16, axis=0)
+    png = encode(Image.fromarray(levels), "PNG")
+    with Image.open(io.BytesIO(png)) as source:
+        assert source.mode == "I;16"
+    with Image.open(io.BytesIO(normalise_image(png, CONFIG))) as result:
+        grey = [result.getpixel((x, 8))[0] for x in (8, 24, 40)]
+    assert all(abs(actual - expected) <= 3 for actual, expected in zip(grey, [0, 128, 255])), grey
+
+
+@pytest.mark.parametrize("error, data", decoder_bug_images().items())
+def test_a_decoder_bug_on_a_malformed_file_is_a_rejection(error, data):
+    with pytest.raises(ImageRejected, match=f"decoder error: {error}"):
+        normalise_image(data, CONFIG)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_rejections_never_quote_the_file():
+    with pytest.raises(ImageRejected) as error:
+        normalise_image(b"TOPSECRET: not an image at all", CONFIG)
+    assert "TOPSECRET" not in str(error.value)
+    png = encode(Image.effect_noise((64, 64), 60).convert("RGB"), "PNG")
+    start = png.index(b"IDAT") - 4
+    end = start + 12 + struct.unpack(">I", png[start:start + 4])[0]
+    data = png[start + 8:end - 4]
+    split = png[:start] + png_chunk(b"IDAT", data[:100]) + png_chunk(b"S#C!", data[100:]) + png[end:]
+    with pytest.raises(ImageRejected, match="broken PNG file") as error:  # Pillow: "(chunk b'S#C!')"
+        normalise_image(split, CONFIG)
+    assert "S#C!" not in str(error.value)
 
 
 def test_unsupported_mode_is_rejected():

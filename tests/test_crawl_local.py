@@ -1,7 +1,9 @@
-"""Local sources: a folder of images named by entity key, and a CSV manifest."""
+"""Local sources: a folder of images named by entity key (symlinks leaving it refused), and
+a CSV manifest."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import urllib.parse
 
@@ -11,6 +13,8 @@ from PIL import Image
 
 from fake_services import FakeServices, image_bytes
 from pipeline.crawl import CrawlConfig, Manifest, crawl
+from pipeline.crawl.driver import Crawler
+from pipeline.crawl.http import FetchError
 from pipeline.crawl.sources import file_names, local_name
 from pipeline.errors import ConfigError, DataError
 from test_crawl import crawl_params
@@ -51,6 +55,8 @@ def test_file_names_of_keys():
     assert file_names(DBR + "Chișinău") == ("Chișinău", urllib.parse.quote("Chișinău", safe=""))
     assert file_names("Gilles_Mbang_Ondo") == ("Gilles_Mbang_Ondo",)
     assert file_names("http://www.wikidata.org/entity/Q42") == ("Q42",)
+    assert local_name(DBR + "Arrow>") == "Arrow>" and local_name("<" + DBR + "Arrow>>") == "Arrow>"
+    assert local_name("<Gilles") == "<Gilles"
 
 
 def test_local_folder_matches_raw_and_percent_encoded_names_and_subfolders(tmp_path):
@@ -67,6 +73,43 @@ def test_local_folder_matches_raw_and_percent_encoded_names_and_subfolders(tmp_p
     assert sorted(done) == [0, 1, 3] and len(done[3]) == 1  # images_per_entity = 1
     assert summary.counts["lookups:local-folder"] == {"done": 3, "missing": 1}
     assert not summary.down_hosts  # no network used
+
+
+def test_local_folder_refuses_symlinks_out_of_it_and_never_copies_file_bytes(tmp_path):
+    outside, folder = tmp_path / "outside", tmp_path / "images"
+    (outside / "album").mkdir(parents=True)
+    (outside / "secret.png").write_bytes(b"TOPSECRET outside the folder")
+    save(outside / "album" / "1.png", (9, 9, 9))
+    save(folder / "real" / "inside.png", (0, 0, 255))
+    (folder / "Chișinău.png").symlink_to(outside / "secret.png")  # a file link out
+    (folder / "AC%2FDC").symlink_to(outside / "album", target_is_directory=True)  # a folder link out
+    (folder / "Gilles_Mbang_Ondo.png").symlink_to(folder / "real" / "inside.png")  # a link inside: kept
+    (folder / "Hot_Foot_Powder_(album).png").write_bytes(b"TOPSECRET in a file named .png")
+
+    summary = crawl(entities(), tmp_path / "m.sqlite", tmp_path / "store", config(), source="local-folder",
+                    folder=folder, progress=False)
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "m.sqlite")) as db:
+        looked = {e: (s, r) for e, s, r in db.execute("SELECT entity, status, reason FROM lookups")}
+        images = {e: (s, r) for e, s, r in db.execute("SELECT entity, status, reason FROM images")}
+    assert looked[0] == ("failed", "Chișinău.png: refused, a symlink that leads out of the folder")
+    assert looked[1] == ("failed", "AC%2FDC: refused, a symlink that leads out of the folder")
+    assert images[3][0] == "done" and 0 not in images and 1 not in images
+    assert images[2][0] == "failed" and "not an image" in images[2][1]
+    assert summary.counts["images"] == {"done": 1, "failed": 1}
+    assert b"TOPSECRET" not in (tmp_path / "m.sqlite").read_bytes()
+
+
+def test_a_local_candidate_that_became_a_symlink_or_is_no_file_is_refused(tmp_path):
+    crawler = Crawler(config(), None, tmp_path / "store", None, progress=False)
+    save(tmp_path / "real.png", (1, 1, 1))
+    (tmp_path / "link.png").symlink_to(tmp_path / "real.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would block
+    assert crawler._read_local(tmp_path / "real.png") == (tmp_path / "real.png").read_bytes()
+    with pytest.raises(FetchError, match="a symlink now stands in its path"):
+        crawler._read_local(tmp_path / "link.png")
+    with pytest.raises(FetchError, match="not a regular file"):
+        crawler._read_local(tmp_path / "pipe.png")
 
 
 def test_csv_manifest_paths_urls_and_descriptions(tmp_path):

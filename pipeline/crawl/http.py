@@ -203,6 +203,7 @@ class HttpClient:
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
             follow_redirects=False,
+            event_hooks={"response": [self._check_location]},
         )
         self._backend = _DeadlineBackend()
         _use_backend(self._client, self._backend)
@@ -245,6 +246,12 @@ class HttpClient:
                 if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                     method, data = "GET", None
         raise FetchError(f"too many redirects (more than {self.config.max_redirects}) from {url}")
+
+    def _check_location(self, response: httpx.Response) -> None:
+        """Refuse a redirect's invalid ``Location`` before httpx builds the next request from it
+        (which it does even without following redirects, and fails on e.g. a bad IDNA host)."""
+        if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
+            self._checked_url(response.headers["location"], base=response.request.url)
 
     @staticmethod
     def _checked_url(url: str, base: httpx.URL | None = None) -> httpx.URL:
@@ -356,5 +363,5 @@ class HttpClient:
             raise FetchError(f"body of {url} fails content decoding (Content-Encoding): {error}") from None
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError):
             raise
-        except httpx.HTTPError as error:
-            raise FetchError(f"{type(error).__name__} from {url}: {error}") from None
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as error:
+            raise FetchError(f"unusable answer from {url}: {type(error).__name__}: {error}") from None
