@@ -118,7 +118,8 @@ class SquaredScoreSums(abc.ABC):
     piece of the non-sampling loss that would otherwise enumerate all ``E`` negatives.
 
     ``s`` is the score the non-sampling loss fits (targets ``target`` for a positive, 0 for
-    every other entity); it ranks entities as the model's own score does.
+    every other entity); it ranks entities as the model's own score does. The entity-table
+    statistics (Gram matrix ``W^T W``, ...) are computed once per call for both slots.
     """
 
     target: float
@@ -128,8 +129,14 @@ class SquaredScoreSums(abc.ABC):
         """``s [B]`` of the positive triples ``[B, 3]``."""
 
     @abc.abstractmethod
-    def all_entity_sums(self, model: nn.Module, positives: torch.Tensor, head_side: bool) -> torch.Tensor:
-        """``sum_e s^2 [B]`` with every entity ``e`` in the head (``head_side``) or tail slot."""
+    def all_entity_sums(self, model: nn.Module, positives: torch.Tensor) -> torch.Tensor:
+        """``[B]``: ``sum_e s^2`` with every entity ``e`` in the tail slot plus the same in the head slot."""
+
+
+def entity_table(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """Every entity's representation ``W [E, w]`` (through the model's lookup, so gradients
+    reach the embedding as everywhere else)."""
+    return model.entity_representations(torch.arange(model.num_entities, device=device))
 
 
 class BilinearSquares(SquaredScoreSums):
@@ -144,12 +151,16 @@ class BilinearSquares(SquaredScoreSums):
     def positive_scores(self, model, positives):
         return model.score_triples(positives)
 
-    def all_entity_sums(self, model, positives, head_side):
+    def all_entity_sums(self, model, positives):
         h, r, t = positives.unbind(-1)
-        side = torch.full((len(positives),), head_side, device=positives.device)
-        query = model.query(model.entity_representations(h), model.relation_representations(r), model.entity_representations(t), side)
-        table = model.entity_representations(torch.arange(model.num_entities, device=positives.device))  # [E, w]
-        return ((query @ (table.T @ table)) * query).sum(-1)
+        table = entity_table(model, positives.device)
+        gram = table.T @ table  # [w, w]
+        h_rep, r_rep, t_rep = model.entity_representations(h), model.relation_representations(r), model.entity_representations(t)
+        total = positives.new_zeros(len(positives), dtype=table.dtype)
+        for head_side in (False, True):
+            query = model.query(h_rep, r_rep, t_rep, torch.full((len(positives),), head_side, device=positives.device))
+            total = total + ((query @ gram) * query).sum(-1)
+        return total
 
 
 class TranslationSquares(SquaredScoreSums):
@@ -172,18 +183,25 @@ class TranslationSquares(SquaredScoreSums):
         difference = model.entity_representations(h) + model.relation_representations(r) - model.entity_representations(t)
         return self.target - difference.square().sum(-1)
 
-    def all_entity_sums(self, model, positives, head_side):
+    def all_entity_sums(self, model, positives):
         h, r, t = positives.unbind(-1)
-        relation = model.relation_representations(r)
-        query = model.entity_representations(t) - relation if head_side else model.entity_representations(h) + relation  # [B, d]
-        table = model.entity_representations(torch.arange(model.num_entities, device=positives.device))  # [E, d]
-        norms = table.square().sum(-1)  # n_e [E]
-        a = self.target - query.square().sum(-1)  # [B]
-        quadratic = ((query @ (table.T @ table)) * query).sum(-1)
-        return (
-            len(table) * a.square() + norms.square().sum() + 4 * quadratic - 2 * a * norms.sum()
-            + 4 * a * (query @ table.sum(0)) - 4 * (query @ (norms @ table))
-        )
+        table = entity_table(model, positives.device)
+        width = table.shape[1]
+        # every statistic from ONE Gram product of the augmented table [W | n | 1] ([E, d + 2]):
+        # G = W^T W, m3 = W^T n, m1 = W^T 1, sum n^2, sum n, E (one matmul forward and backward)
+        augmented = torch.cat([table, table.square().sum(-1, keepdim=True), torch.ones_like(table[:, :1])], 1)
+        moments = augmented.T @ augmented  # [d + 2, d + 2]
+        gram, m3, m1 = moments[:width, :width], moments[:width, width], moments[:width, width + 1]
+        norm_square_sum, norm_sum, count = moments[width, width], moments[width, width + 1], moments[width + 1, width + 1]
+        relation, heads, tails = model.relation_representations(r), model.entity_representations(h), model.entity_representations(t)
+        total = positives.new_zeros(len(positives), dtype=table.dtype)
+        for query in (heads + relation, tails - relation):  # tail slot, head slot: [B, d]
+            a = self.target - query.square().sum(-1)  # [B]
+            total = total + (
+                count * a.square() + norm_square_sum + 4 * ((query @ gram) * query).sum(-1) - 2 * a * norm_sum
+                + 4 * a * (query @ m1) - 4 * (query @ m3)
+            )
+        return total
 
 
 def squared_score_sums(model: nn.Module) -> SquaredScoreSums:
@@ -220,6 +238,6 @@ class NonSamplingLoss(nn.Module):
     def forward(self, model: nn.Module, positives: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         c_pos, c_neg, target = self.positive_weight, self.negative_weight, self.form.target
         score = self.form.positive_scores(model, positives)  # [B]
-        all_sums = self.form.all_entity_sums(model, positives, head_side=False) + self.form.all_entity_sums(model, positives, head_side=True)
+        all_sums = self.form.all_entity_sums(model, positives)  # [B], both slots
         per_row = c_neg * all_sums + 2 * ((c_pos - c_neg) * score.square() - 2 * c_pos * target * score + c_pos * target**2)
         return batch_mean(per_row, weights)
