@@ -5,6 +5,7 @@ bytes through the real parsing paths."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -26,9 +27,11 @@ from PIL import Image
 
 from fake_services import DEPICTION, SAME_AS, THUMBNAIL, FakeServices, decoder_bug_images, image_bytes
 from pipeline.crawl import CrawlConfig, Manifest, crawl
+from pipeline.crawl.driver import Crawler
 from pipeline.crawl.http import HttpClient
 from pipeline.crawl.images import ImageConfig, ImageRejected, normalise_image
-from pipeline.crawl.sources import SPARQL_IRI_ESCAPES, DbpediaAbstracts, DbpediaImages, EntityRef, WikidataImages, _iri
+from pipeline.crawl.sources import (SPARQL_IRI_ESCAPES, DbpediaAbstracts, DbpediaImages, EntityRef, LookupResult,
+                                    WikidataImages, _iri)
 from test_crawl import DBR, REPO, WD, crawl_params, entities_table, image_rows
 
 SPARQL_JSON = {"Content-Type": "application/sparql-results+json"}
@@ -104,6 +107,8 @@ WIKIDATA_CASES = {  # name -> (entities object or whole reply, status of Q2, rea
     "entities a list": ({"entities": []}, "failed", "entities: expected an object, got list"),
     "API error": ({"error": {"code": "maxlag", "info": "Waiting for a database server"}}, "failed",
                   "Wikidata API error"),
+    "API error quoting a lone surrogate": ({"error": {"code": "x", "info": "bad id Q\udfff"}}, "failed",
+                                           "bad id Q\\udfff"),
     "record a string": ({"entities": {"Q2": "Q2"}}, "failed", "entities.Q2: expected an object, got str"),
     "record absent": ({"entities": {}}, "failed", "entities.Q2: expected an object, got NoneType"),
     "P18 an object": ({"entities": {"Q2": {"claims": {"P18": {}}}}}, "failed", "claims.P18: expected a list"),
@@ -157,6 +162,38 @@ def test_one_round_survives_every_transport_and_decoder_fault(services, tmp_path
     hits = services.hits.copy()
     crawl(entities_table(names), tmp_path / "m.sqlite", tmp_path / "images", config, progress=False)
     assert services.hits == hits  # nothing finished is fetched again
+
+
+class FaultySource:
+    """A lookup source with a bug on entity 1 (one entity per batch)."""
+
+    name, batch_size = "dbpedia-abstract", 1
+
+    def lookup(self, batch: list[EntityRef]) -> LookupResult:
+        if batch[0].id == 1:
+            raise RuntimeError("a bug in a source")
+        return LookupResult(outcomes=[(batch[0].id, "done", None)])
+
+
+def test_any_exception_fails_only_its_batch_or_image(services, tmp_path):
+    """The driver's last line of defence: an exception it knows nothing of (a source's bug,
+    an error writing one image into the store) fails that item; the others are recorded."""
+    config = config_for(services, ["wikidata-p18"])
+    entities = entities_table(["A", "B", "C"])
+    with Manifest(tmp_path / "m.sqlite") as manifest:
+        Crawler(config, manifest, tmp_path / "images", None, progress=False).run_lookups(
+            FaultySource(), entities, rescan=False)
+    assert lookups(tmp_path / "m.sqlite", "dbpedia-abstract") == {
+        0: ("done", None), 1: ("failed", "unexpected error: RuntimeError: a bug in a source"), 2: ("done", None)}
+
+    services.p18 = {"Q1": ["A.jpg"], "Q2": ["B.jpg"]}
+    services.files = {"A.jpg": image_bytes(color=(255, 0, 0)), "B.jpg": image_bytes(color=(0, 0, 255))}
+    blocked = hashlib.sha256(normalise_image(services.files["B.jpg"], config.image)).hexdigest()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / blocked[:2]).write_text("a file where the store needs a folder")
+    crawl(entities, tmp_path / "m.sqlite", tmp_path / "images", config, progress=False)
+    rows = image_rows(tmp_path / "m.sqlite")
+    assert rows[0][0] == "done" and rows[1][0] == "failed" and "unexpected error: " in rows[1][2], rows
 
 
 def test_interrupted_round_records_every_finished_item(services, tmp_path):

@@ -226,8 +226,8 @@ class Crawler:
         try:
             with tqdm(total=total, desc=what, unit="item", disable=not self.progress, leave=False) as bar:
                 for future in as_completed(futures):
-                    recorded.add(future)
                     record(futures[future], future.result())
+                    recorded.add(future)
                     bar.update(size(futures[future]))
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # the running items finish
