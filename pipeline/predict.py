@@ -195,7 +195,7 @@ ANSWER_SCHEMA = pa.schema([
 
 
 class Predictor:
-    """A trained model with its graph's names and known facts (one filter per split)."""
+    """A trained model (put in eval mode) with its graph's names and known facts (one filter per split)."""
 
     def __init__(self, model: KGCModel, graph: KnowledgeGraph, entities: Names, relations: Names):
         if (len(entities), len(relations)) != (graph.num_entities, graph.num_relations) or (model.num_entities, model.num_relations) != (graph.num_entities, graph.num_relations):
