@@ -12,6 +12,7 @@ from stages import extract_text  # noqa: F401
 from stages import extract_visual  # noqa: F401
 from stages import train  # noqa: F401
 from stages import evaluate  # noqa: F401
+from stages import report  # noqa: F401  (table2, report)
 from stages import predict  # noqa: F401
 from stages import export  # noqa: F401
 
