@@ -48,6 +48,18 @@ def entities_table(names: list[str], wikidata: bool = True) -> pd.DataFrame:
     })
 
 
+def start_crawl_stage(tmp_path: Path, names: list[str], params: dict) -> tuple[subprocess.Popen, Path]:
+    """``python -m stages crawl`` of the entities ``names`` with the ``crawl`` section ``params``,
+    started in a subprocess; returns it and its crawl directory."""
+    data, out = tmp_path / "data", tmp_path / "crawl"
+    data.mkdir()
+    entities_table(names).to_parquet(data / "entities.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crawl": params}))
+    command = [sys.executable, "-m", "stages", "crawl", "toy", "--data", str(data), "--out", str(out),
+               "--params", str(tmp_path / "params.yaml"), "--no-progress"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE), out
+
+
 def image_rows(manifest_path: Path) -> dict[int, tuple[str, str | None, str | None]]:
     with contextlib.closing(sqlite3.connect(manifest_path)) as db:
         return {e: (s, d, r) for e, s, d, r in db.execute("SELECT entity, status, digest, reason FROM images")}
@@ -210,20 +222,13 @@ def test_retry_after_above_cap_fails_without_waiting(services, tmp_path):
 def test_killed_crawl_resumes_without_refetching_or_losing_items(services, tmp_path):
     count = 12
     names = [f"Item_{i}" for i in range(count)]
-    data = tmp_path / "data"
-    data.mkdir()
-    entities_table(names).to_parquet(data / "entities.parquet")
     for i, name in enumerate(names):
         services.abstracts[DBR + name] = f"{name} is item number {i}. It exists."
         services.p18[f"Q{i + 1}"] = [f"{name}.jpg"]
         services.files[f"{name}.jpg"] = image_bytes(color=(i * 20, 0, 0))
     services.delays["/files/"] = 0.3
     params = crawl_params(services.endpoints(), concurrency=1, read_timeout=5.0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crawl": params}))
-    out = tmp_path / "crawl"
-    command = [sys.executable, "-m", "stages", "crawl", "toy", "--data", str(data), "--out", str(out),
-               "--params", str(tmp_path / "params.yaml"), "--no-progress"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process, out = start_crawl_stage(tmp_path, names, params)
     manifest = out / "manifest.sqlite"
     deadline = time.monotonic() + 90
     done = 0
@@ -243,7 +248,7 @@ def test_killed_crawl_resumes_without_refetching_or_losing_items(services, tmp_p
     assert 4 <= done < count
 
     config = CrawlConfig.from_params(params)
-    summary = crawl(pd.read_parquet(data / "entities.parquet"), manifest, out / "images", config, progress=False)
+    summary = crawl(entities_table(names), manifest, out / "images", config, progress=False)
 
     assert summary.counts["images"] == {"done": count}
     assert summary.counts["lookups:dbpedia-abstract"] == {"done": count}

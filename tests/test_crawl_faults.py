@@ -11,16 +11,12 @@ import json
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,7 +28,7 @@ from pipeline.crawl.http import HttpClient
 from pipeline.crawl.images import ImageConfig, ImageRejected, normalise_image
 from pipeline.crawl.sources import (SPARQL_IRI_ESCAPES, DbpediaAbstracts, DbpediaImages, EntityRef, LookupResult,
                                     WikidataImages, _iri)
-from test_crawl import DBR, REPO, WD, crawl_params, entities_table, image_rows
+from test_crawl import DBR, WD, crawl_params, entities_table, image_rows, start_crawl_stage
 
 SPARQL_JSON = {"Content-Type": "application/sparql-results+json"}
 JSON = {"Content-Type": "application/json"}
@@ -201,20 +197,12 @@ def test_interrupted_round_records_every_finished_item(services, tmp_path):
     running ones finish, and every image the server delivered is recorded done."""
     count = 16
     names = [f"Item_{i}" for i in range(count)]
-    data = tmp_path / "data"
-    data.mkdir()
-    entities_table(names).to_parquet(data / "entities.parquet")
     for i, name in enumerate(names):
         services.p18[f"Q{i + 1}"] = [f"{name}.jpg"]
         services.files[f"{name}.jpg"] = image_bytes(color=(i * 15, 0, 0))
     services.delays["/files/"] = 0.4
     params = {**crawl_params(services.endpoints(), concurrency=3, read_timeout=5.0), "sources": ["wikidata-p18"]}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crawl": params}))
-    manifest = tmp_path / "crawl" / "manifest.sqlite"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stages", "crawl", "toy", "--data", str(data), "--out", str(tmp_path / "crawl"),
-         "--params", str(tmp_path / "params.yaml"), "--no-progress"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process, out = start_crawl_stage(tmp_path, names, params)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None and services.hits.total() < count // 4:
         time.sleep(0.02)
@@ -223,7 +211,7 @@ def test_interrupted_round_records_every_finished_item(services, tmp_path):
     assert process.returncode in (1, 130), stderr.decode()  # handled (click: 1, typer: 130), not killed
 
     delivered = {i for i, name in enumerate(names) if services.hits[services.file_path(f"{name}.jpg")]}
-    done = {entity for entity, (status, _, _) in image_rows(manifest).items() if status == "done"}
+    done = {entity for entity, (status, _, _) in image_rows(out / "manifest.sqlite").items() if status == "done"}
     assert done == delivered and len(done) < count
 
 
