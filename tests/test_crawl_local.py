@@ -134,6 +134,27 @@ def test_csv_manifest_paths_urls_and_descriptions(tmp_path):
     assert summary.unmatched_keys == 1 and "1 CSV keys match no entity" in summary.line()
 
 
+def test_csv_image_paths_that_cannot_be_resolved_fail_only_their_entity(tmp_path):
+    (tmp_path / "loop_a.png").symlink_to(tmp_path / "loop_b.png")
+    (tmp_path / "loop_b.png").symlink_to(tmp_path / "loop_a.png")
+    save(tmp_path / "ok.png", (1, 2, 3))
+    (tmp_path / "data.csv").write_text(
+        "key,image,description\n"
+        "Chișinău,loop_a.png,A city.\n"
+        "AC%2FDC,nul\0byte.png,\n"
+        "Gilles_Mbang_Ondo,ok.png,\n", encoding="utf-8")
+    crawl(entities(), tmp_path / "m.sqlite", tmp_path / "store", config(), source="csv",
+          csv_manifest=tmp_path / "data.csv", progress=False)
+    with contextlib.closing(sqlite3.connect(tmp_path / "m.sqlite")) as db:
+        looked = {e: (s, r) for e, s, r in db.execute("SELECT entity, status, reason FROM lookups")}
+    assert looked[0] == ("failed", "image path 'loop_a.png' of data.csv unusable: Symlink loop from "
+                                   f"'{tmp_path / 'loop_a.png'}'")
+    assert looked[1][0] == "failed" and "embedded null byte" in looked[1][1]
+    assert looked[3] == ("done", None) and sorted(done_images(tmp_path / "m.sqlite")) == [3]
+    with Manifest(tmp_path / "m.sqlite", readonly=True) as manifest:
+        assert manifest.descriptions() == [(0, "csv", "A city.")]  # kept beside the failure
+
+
 @pytest.mark.parametrize("content, line, problem", [
     ("key,image\nX,a.png\n", 1, "header must be"),
     ("key,image,description\nA,a.png,desc\nB,b.png\n", 3, "expected 3 fields, got 2"),

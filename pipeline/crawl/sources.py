@@ -490,6 +490,7 @@ class CsvManifest:
                 by_name.setdefault(name, entity.id)
         found: dict[int, bool] = {}
         described: set[int] = set()
+        unusable: dict[int, str] = {}  # entity -> why one of its image paths cannot be used
         result = LookupResult()
         for position, (key, image, description) in enumerate(self.rows):
             entity = by_name.get(key, by_name.get(local_name(key)))
@@ -502,8 +503,13 @@ class CsvManifest:
                 result.descriptions.append((entity, description))
             if image:
                 is_url = image.lower().startswith(("http://", "https://"))
-                location = image if is_url else str((self.path.parent / image).resolve())
+                try:
+                    location = image if is_url else str((self.path.parent / image).resolve())
+                except (OSError, RuntimeError, ValueError) as error:  # symlink loop, NUL byte, ...
+                    unusable[entity] = f"image path {image!r} of {self.path.name} unusable: {error}"
+                    continue
                 result.candidates.append((entity, location, self.priority + position))
-        result.outcomes.extend((e.id, "done", None) if e.id in found else (e.id, "missing", "no CSV row")
+        result.outcomes.extend((e.id, "failed", unusable[e.id]) if e.id in unusable else
+                               (e.id, "done", None) if e.id in found else (e.id, "missing", "no CSV row")
                                for e in batch)
         return result
