@@ -33,6 +33,7 @@ Local sources (no network; they rescan on every run):
 - ``csv``: a manifest with header ``key,image,description`` (any order; any value may be
   empty; several rows per key allowed). ``key`` is an entity key or one of its
   :func:`file_names`; ``image`` a path (relative to the CSV's folder) or an http(s) URL.
+  A path that cannot be resolved (symlink loop, NUL byte) fails its entity.
 """
 from __future__ import annotations
 
