@@ -119,7 +119,7 @@ def test_exclude_positives_and_state():
     graph = KnowledgeGraph(6, 1, train, train[:1], train[:1])
     positives = torch.tensor([[0, 0, 1], [1, 0, 0]]).repeat(200, 1)
     known = KnownPositives(graph.train, 6, 1)
-    plain = SANSSampler(graph, 6, seed=0, structure_fraction=1.0).sample(positives, None, 0)
+    plain = SANSSampler(graph, 6, seed=0, structure_fraction=1.0, exclude_positives=False).sample(positives, None, 0)
     assert known.corruptions_known(positives, plain.ids, plain.corrupt_head).any()
     sampler = SANSSampler(graph, 6, seed=0, structure_fraction=1.0, exclude_positives=True)
     excluded = sampler.sample(positives, None, 0)

@@ -20,8 +20,9 @@ Both are one weighted CSR (``weights [M]``, all 1 for ``exact``), sampled for a 
 Mixing with uniform: the first ``round(structure_fraction * n)`` negatives of a row are
 structure-aware, the rest uniform over all entities (diversity; the neighbourhood of a
 low-degree entity is small). A kept entity with an empty neighbourhood (isolated in TRAIN)
-gets uniform negatives only. ``exclude_positives`` redraws negatives that form a known TRAIN
-triple from the same distribution (the RotatE code base SANS builds on filters them).
+gets uniform negatives only. ``exclude_positives`` (default true) redraws negatives that form
+a known TRAIN triple from the same distribution: the true tail of ``(h, r, t)`` is always in
+``N_1(h)``, and the RotatE code base SANS builds on filters known triples.
 The neighbourhoods are rebuilt from the graph (buffers, not checkpointed); the sampler's
 state is its random generator.
 """
@@ -112,7 +113,7 @@ class SANSSampler(NegativeSampler):
         variant: str = "exact",
         num_walks: int = 100,
         structure_fraction: float = 0.5,
-        exclude_positives: bool = False,
+        exclude_positives: bool = True,
     ):
         super().__init__(graph, num_negatives, seed)
         if isinstance(hops, bool) or not isinstance(hops, int) or hops < 1:
