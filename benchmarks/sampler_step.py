@@ -3,8 +3,8 @@
 Setting: the canonical MKG-W graph (``data/mkg-w``; ``--data`` for another), TransE d 200
 (p 2, gamma 3), batch 400, n 20, Adam with the sampler's own group
 (:func:`pipeline.training.build_optimizer`); each sampler with its ``params.yaml`` options and
-the loss its Table 2 row uses (KBGAN: margin; the others: the self-adversarial NS loss; NS-KGE:
-its own). A step is the training loop's: :func:`pipeline.training.step_loss` (sample, score,
+the loss its Table 2 row uses (:func:`pipeline.table2.overrides`: margin for Bernoulli, KBGAN,
+NSCaching; the self-adversarial NS loss for Uniform, SANS, MMRNS; NS-KGE its own). A step is the training loop's: :func:`pipeline.training.step_loss` (sample, score,
 losses) + backward + densify + Adam. Each sampler runs in a fresh process (own peak RSS); the
 figures are the median wall-clock step time of ``--steps`` steps, the construction time
 (neighbourhoods, caches, ...) and the peak RSS. MMRNS runs without feature caches unless
@@ -40,6 +40,7 @@ def run(name: str, data: Path, steps: int, threads: int, features: Path | None) 
     from pipeline.losses import build_loss
     from pipeline.models import build_model
     from pipeline.samplers import build_sampler
+    from pipeline.table2 import Cell, overrides
     from pipeline.training import GradientDensifier, TrainSettings, build_optimizer, step_loss
 
     torch.set_num_threads(threads)
@@ -51,7 +52,8 @@ def run(name: str, data: Path, steps: int, threads: int, features: Path | None) 
     start = time.perf_counter()
     sampler = build_sampler(name, params["sampler"].get(name) or {}, graph, model, NEGATIVES, 0, **caches)
     construction = time.perf_counter() - start
-    loss_fn = build_loss("margin" if name == "kbgan" else "nssa", SHARED["gamma"], 0.5, True)
+    recipe = overrides(Cell("mkg-w", "TransE", name))  # the loss of the sampler's Table 2 row
+    loss_fn = build_loss(recipe["train.loss"], SHARED["gamma"], 0.5, recipe["train.self_adversarial"])
     optimizer = build_optimizer(model, sampler, TrainSettings(steps=steps, batch_size=BATCH, lr=1e-3, sampler_lr=1e-4, valid_every=steps, patience=1, seed=0))
     densify = GradientDensifier(optimizer)
     generator = torch.Generator().manual_seed(0)
