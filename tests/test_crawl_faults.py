@@ -112,6 +112,8 @@ WIKIDATA_CASES = {  # name -> (entities object or whole reply, status of Q2, rea
     "lone surrogate": ({"entities": {"Q2": {"claims": {"P18": [claim("a\udc80.jpg")]}}}}, "failed", "lone surrogate"),
     "missing (right shape)": ({"entities": {"Q2": {"id": "Q2", "missing": ""}}}, "missing", "no entity Q2"),
     "claims an empty list": ({"entities": {"Q2": {"id": "Q2", "claims": []}}}, "missing", "no P18 claim"),
+    "redirect under its target's id": ({"entities": {"Q7": {"id": "Q7", "redirects": {"from": "Q2", "to": "Q7"},
+                                                            "claims": []}}}, "missing", "no P18 claim"),
 }
 
 
@@ -239,9 +241,14 @@ def test_any_iri_becomes_one_valid_iriref(text):
 # --- property-based: random reply shapes through the real lookup paths ----------------
 TEXTS = st.one_of(st.text(max_size=12), st.builds(str.__add__, st.text(max_size=4),
                                                   st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)))
+
+
+def _json_containers(inner):
+    return st.lists(inner, max_size=3) | st.dictionaries(TEXTS, inner, max_size=3)
+
+
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXTS,
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXTS, inner, max_size=3),
-                           max_leaves=8)
+                           _json_containers, max_leaves=8)
 REFS = [EntityRef(i, DBR + name, DBR + name, f"{WD}Q{i + 1}") for i, name in enumerate(["A", "B", "C"])]
 SPARQL_VALUES = [*(ref.dbpedia for ref in REFS), DEPICTION, THUMBNAIL, SAME_AS, WD + "Q9",
                  "http://commons.wikimedia.org/wiki/Special:FilePath/X.jpg"]

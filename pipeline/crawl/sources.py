@@ -331,10 +331,14 @@ class WikidataImages:
             entities = self._entities(_json(self.client.fetch(f"{self.api}?{query}").content, self.api))
         except FetchError as error:
             return LookupResult(outcomes=result.outcomes + _failure(linked, error).outcomes)
+        redirected = {record["redirects"]["from"]: record for record in entities.values()
+                      if isinstance(record, dict) and isinstance(record.get("redirects"), dict)
+                      and isinstance(record["redirects"].get("from"), str)}
         for entity in linked:
             qid = ids[entity.id]
             try:
-                record = _object(entities.get(qid), f"malformed Wikidata JSON from {self.api}: entities.{qid}")
+                record = _object(entities.get(qid, redirected.get(qid)),
+                                 f"malformed Wikidata JSON from {self.api}: entities.{qid}")
                 if "missing" in record:
                     result.outcomes.append((entity.id, "missing", f"Wikidata has no entity {qid}"))
                     continue
@@ -348,7 +352,8 @@ class WikidataImages:
         return result
 
     def _entities(self, payload: dict) -> dict:
-        """The ``entities`` object of a ``wbgetentities`` reply; an API error is a FetchError."""
+        """The ``entities`` object of a ``wbgetentities`` reply (an id that redirects may be
+        answered under its target's id, with ``redirects.from``); an API error is a FetchError."""
         if "entities" not in payload and isinstance(payload.get("error"), dict):
             error = payload["error"]
             raise FetchError(f"Wikidata API error from {self.api}: {str(error.get('code'))[:100]}: "
