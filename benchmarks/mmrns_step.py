@@ -1,22 +1,31 @@
 """Time per training step and peak memory of MMRNS and Uniform at the released script's setting.
 
-Setting (issue 6): the MKG-W graph (``data/mkg-w`` when the download stage has run, else
-random triples of its sizes: |E| = 15000, |R| = 169, 34196 train triples), text
-features [E, 4, 384], image features [E, 24, 383] (float32, random unless cache
-directories are given), TransE d = 200, batch 400, n = 20, pre-sample 1500, the
-self-adversarial negative-sampling loss, one Adam with two parameter groups
-(:func:`pipeline.training.build_optimizer`). A step is
-sample + KGC loss + auxiliary loss + backward + Adam. Each sampler runs in a fresh
-process, so the peak RSS (``ru_maxrss``) is its own; the figures are the median step time
-of ``--steps`` steps (wall clock, and CPU time summed over threads) and the process's peak
-RSS. The released script needs 33.5 s per step and 15 GiB on this 2-core CPU (issue 6).
-Measure on a quiet machine: with other processes competing for the two cores, PyTorch's
-OpenMP threads wait on each other and both figures grow several-fold.
+Setting: the MKG-W graph (``data/mkg-w`` when the download stage has run, else random
+triples of its sizes: |E| = 15000, |R| = 169, 34196 train triples; ``--random-graph``
+forces these), text features [E, 4, 384], image features [E, 24, 383] (float32, random
+unless cache directories are given), TransE d = 200, batch 400, n = 20, pre-sample 1500,
+eps0 10, beta 0.01 (the script's), the self-adversarial negative-sampling loss, one Adam
+with two parameter groups (:func:`pipeline.training.build_optimizer`). A step is sample +
+KGC loss + auxiliary loss + backward + Adam. Configurations:
 
-    python benchmarks/mmrns_step.py [--steps 21] [--data DIR | --random-graph] [--text-cache DIR] [--visual-cache DIR]
+- ``mmrns``: the published sampler (both modalities, KGC gradient into the sampler);
+- ``mmrns-detached``: draws without the KGC gradient (``kgc_gradient: none``, Gumbel-top-k);
+- ``uniform``: the Uniform sampler, same model, loss and optimizer.
 
-A random graph (``--random-graph``) spreads a batch over ~150 distinct relations (MKG-W:
-~57), the worst case for the per-relation deduplication.
+Each configuration runs in a fresh process (its peak RSS, ``ru_maxrss``, is its own) and
+prints ``NAME median X s/step (CPU Y s) peak RSS Z GiB``, its ratio to Uniform's median from
+the same run, and a breakdown of the median step (torch profiler over the last steps;
+``encode``: relation-free KCA, ``gated``: relation-gated KCA, ``structure``: eq. 7 and its
+cosine, ``draws``: eq. 12-13 and the straight-through select, ``backward``: ``loss.backward``).
+A random graph spreads a batch over ~150 distinct relations (MKG-W: ~57), the worst case for
+the per-relation deduplication. Measure on a quiet machine: with other processes competing
+for the two cores, PyTorch's threads wait on each other and every figure grows.
+
+    python benchmarks/mmrns_step.py [--steps 21] [--threads 2] [--data DIR | --random-graph]
+        [--text-cache DIR] [--visual-cache DIR] [--configs mmrns,mmrns-detached,uniform]
+        [--presample 750,1500,3000] [--batch 200,400,800]
+
+``--presample`` / ``--batch`` sweep one setting for the MMRNS configurations (one line each).
 """
 from __future__ import annotations
 
@@ -43,6 +52,9 @@ from pipeline.training import GradientDensifier, TrainSettings, build_optimizer 
 
 ENTITIES, RELATIONS, TRAIN_TRIPLES = 15000, 169, 34196
 BATCH, NEGATIVES, PRESAMPLE, DIM, GAMMA = 400, 20, 1500, 200, 3.0
+CONFIGS = {"mmrns": {"kgc_gradient": "minimise"}, "mmrns-detached": {"kgc_gradient": "none"}, "uniform": None}
+PARTS = ("mmrns.encode", "mmrns.gated", "mmrns.structure", "mmrns.draws")
+PROFILED_STEPS = 3
 
 
 def features(
@@ -73,29 +85,37 @@ def benchmark_graph(data: str | None, generator: torch.Generator) -> KnowledgeGr
     return KnowledgeGraph(ENTITIES, RELATIONS, train, train[:100], train[:100])
 
 
-def run(name: str, steps: int, data: str | None, text_cache: str | None, visual_cache: str | None) -> dict:
+def run(config: str, steps: int, threads: int, data: str | None, text_cache: str | None, visual_cache: str | None,
+        presample: int, batch: int) -> dict:
+    """Time ``steps`` training steps of one configuration in this process."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     graph = benchmark_graph(data, generator)
     train = graph.train
     model = MODELS.get("TransE")(graph.num_entities, graph.num_relations, DIM, GAMMA)
-    if name == "mmrns":
+    if CONFIGS[config] is not None:
         text, text_mask = features(text_cache, (4, 384), graph.num_entities, generator)
         visual, visual_mask = features(visual_cache, (24, 383), graph.num_entities, generator)
         sampler = MMRNSSampler(
             graph, NEGATIVES, 0, entity_dim=DIM, relation_dim=DIM, text_features=text, text_mask=text_mask,
-            visual_features=visual, visual_mask=visual_mask, presample_size=PRESAMPLE, eps0=10.0, beta=0.01,
+            visual_features=visual, visual_mask=visual_mask, presample_size=presample, eps0=10.0, beta=0.01,
+            **CONFIGS[config],
         )
     else:
-        sampler = SAMPLERS.get(name)(graph, NEGATIVES, 0)
+        sampler = SAMPLERS.get(config)(graph, NEGATIVES, 0)
     loss_fn = NegativeSamplingLoss(0.5, True)
-    settings = TrainSettings(steps=steps, batch_size=BATCH, lr=1e-4, sampler_lr=1e-4, valid_every=steps, patience=0, seed=0)
+    settings = TrainSettings(steps=steps, batch_size=batch, lr=1e-4, sampler_lr=1e-4, valid_every=steps, patience=0, seed=0)
     optimizer = build_optimizer(model, sampler, settings)
     densify_gradients = GradientDensifier(optimizer)
-    times, cpu_times = [], []
-    for step in range(steps):
+    times, cpu_times, backward_times, parts = [], [], [], {part: [] for part in PARTS}
+    for step in range(steps + PROFILED_STEPS):
+        profiled = step >= steps
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
+        if profiler:
+            profiler.__enter__()
         start, cpu_start = time.perf_counter(), time.process_time()
-        positives = train[torch.randint(len(train), (BATCH,), generator=generator)]
+        positives = train[torch.randint(len(train), (batch,), generator=generator)]
         negatives = sampler.sample(positives, model, step)
         scores = model.score_negatives(positives, negatives.as_model_input(), negatives.corrupt_head)
         loss = loss_fn(model.score_triples(positives), scores)
@@ -103,44 +123,84 @@ def run(name: str, steps: int, data: str | None, text_cache: str | None, visual_
         if auxiliary is not None:
             loss = loss + auxiliary
         optimizer.zero_grad(set_to_none=True)
+        backward_start = time.perf_counter()
         loss.backward()
+        backward_time = time.perf_counter() - backward_start
         densify_gradients()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+        if profiler:
+            profiler.__exit__(None, None, None)
+            totals = {event.key: event.cpu_time_total / 1e6 for event in profiler.key_averages()}
+            for part in PARTS:
+                parts[part].append(totals.get(part, 0.0))
+            backward_times.append(backward_time)
+        else:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    breakdown = {part.split(".")[1]: statistics.median(values) for part, values in parts.items()}
+    breakdown["backward"] = statistics.median(backward_times)
     return {
-        "sampler": name, "median_step_s": statistics.median(times), "median_step_cpu_s": statistics.median(cpu_times),
-        "peak_rss_gib": peak_kib / 2**20, "steps": steps,
+        "config": config, "median_step_s": statistics.median(times), "median_step_cpu_s": statistics.median(cpu_times),
+        "peak_rss_gib": peak_kib / 2**20, "steps": steps, "breakdown": breakdown, "presample": presample, "batch": batch,
     }
+
+
+def measure(args: argparse.Namespace, config: str, data: str | None, presample: int, batch: int) -> dict:
+    """One configuration in a fresh process."""
+    command = [sys.executable, __file__, "--only", config, "--steps", str(args.steps), "--threads", str(args.threads),
+               "--presample", str(presample), "--batch", str(batch)]
+    for flag, value in (("--data", data), ("--text-cache", args.text_cache), ("--visual-cache", args.visual_cache)):
+        if value:
+            command += [flag, value]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def line(result: dict, uniform: float | None) -> str:
+    parts = result["breakdown"]
+    shown = "  ".join(f"{name} {seconds:.3f}" for name, seconds in parts.items() if seconds > 0 or name == "backward")
+    ratio = f"  {result['median_step_s'] / uniform:.1f}x uniform" if uniform else ""
+    return (f"{result['config']:15s} median {result['median_step_s']:.3f} s/step (CPU {result['median_step_cpu_s']:.3f} s)  "
+            f"peak RSS {result['peak_rss_gib']:.2f} GiB{ratio}  P={result['presample']} B={result['batch']}  [{shown}]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", help="canonical dataset dir (default: data/mkg-w if present, else random triples)")
     parser.add_argument("--random-graph", action="store_true", help="random triples of MKG-W's sizes")
     parser.add_argument("--text-cache")
     parser.add_argument("--visual-cache")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one sampler in this process
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--presample", default=str(PRESAMPLE), help="comma-separated pre-sample sizes (sweep)")
+    parser.add_argument("--batch", default=str(BATCH), help="comma-separated batch sizes (sweep)")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = parser.parse_args()
     default_data = ROOT / "data" / "mkg-w"
     data = args.data or (str(default_data) if (default_data / "train.parquet").is_file() else None)
     data = None if args.random_graph else data
+    presamples, batches = [int(v) for v in args.presample.split(",")], [int(v) for v in args.batch.split(",")]
     if args.only:
-        print(json.dumps(run(args.only, args.steps, data, args.text_cache, args.visual_cache)))
+        result = run(args.only, args.steps, args.threads, data, args.text_cache, args.visual_cache, presamples[0], batches[0])
+        print(json.dumps(result))
         return
-    print(f"threads: {torch.get_num_threads()}  graph: {data or 'random, MKG-W sizes'}  B={BATCH} n={NEGATIVES} "
-          f"P={PRESAMPLE} d={DIM} TransE  features: {args.visual_cache or 'random'} / {args.text_cache or 'random'}")
-    for name in ("mmrns", "uniform"):
-        command = [sys.executable, __file__, "--only", name, "--steps", str(args.steps)]
-        for flag, value in (("--data", data), ("--text-cache", args.text_cache), ("--visual-cache", args.visual_cache)):
-            if value:
-                command += [flag, value]
-        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        print(f"{name:8s} median {result['median_step_s']:.3f} s/step (CPU {result['median_step_cpu_s']:.3f} s, all threads)  "
-              f"peak RSS {result['peak_rss_gib']:.2f} GiB  ({result['steps']} steps)")
-    print("released script: 33.5 s/step, 15 GiB (issue 6)")
+    configs = args.configs.split(",")
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; valid: {', '.join(CONFIGS)}")
+    print(f"threads: {args.threads}  graph: {data or 'random, MKG-W sizes'}  n={NEGATIVES} d={DIM} TransE  "
+          f"features: {args.visual_cache or 'random'} / {args.text_cache or 'random'}  steps: {args.steps} (median)")
+    uniform = {b: measure(args, "uniform", data, presamples[0], b) for b in batches}
+    for b in batches:
+        print(line(uniform[b], None), flush=True)
+    for config in configs:
+        if config == "uniform":
+            continue
+        for b in batches:
+            for presample in presamples:
+                print(line(measure(args, config, data, presample, b), uniform[b]["median_step_s"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""MMRNS sampler (pipeline.samplers.mmrns, pipeline.samplers.kca) on small random graphs."""
+"""MMRNS sampler (pipeline.samplers.mmrns) on small random graphs: the fast paths against plain
+reference implementations of the equations kept here."""
 from __future__ import annotations
 
 import math
@@ -14,16 +15,13 @@ from pipeline.graph import KnowledgeGraph
 from pipeline.losses import NegativeSamplingLoss
 from pipeline.models import MODELS, build_model
 from pipeline.samplers import SAMPLERS
-from pipeline.samplers.kca import LEAKY_SLOPE
-from pipeline.samplers.mmrns import (
-    MMRNSSampler,
-    _StraightThroughSelect,
-    exploration_factor,
-    grouped_cosine,
-    presample_count,
-)
+from pipeline.samplers.mmrns import MMRNSSampler, exploration_factor, presample_count
+from pipeline.samplers.mmrns.draws import LOG_MASK, StraightThroughSelect, gumbel_top_k, straight_through_draws
+from pipeline.samplers.mmrns.groups import RowGroups, grouped_cosine
+from pipeline.samplers.mmrns.kca import LEAKY_SLOPE
 
 E, R, DIM, NEG = 80, 5, 12, 4
+MODALITIES_ALL = ("structure", "text", "image")
 IMAGE, TEXT = (24, 10), (4, 9)  # token counts as in the paper, small feature widths
 
 
@@ -61,7 +59,7 @@ def kgc_loss(model, positives, negatives):
 
 
 # -- reference: the equations written per row, without deduplication or factorisation -------
-def reference_kca(sampler, entities, relation, normalise_gated=True):
+def reference_kca(sampler, entities, relation, normalise_visual_plain=True):
     """Eqs. 1-6 directly for ``entities [N]`` under one ``relation [d_r]`` -> (visual [N, a], text [N, a])."""
     kca = sampler.kca
     image = F.leaky_relu(kca.visual_projection(sampler.visual_features[entities]), LEAKY_SLOPE)  # [N, 24, a]
@@ -76,13 +74,15 @@ def reference_kca(sampler, entities, relation, normalise_gated=True):
     branch2 = (cross * gate_i).transpose(1, 2) @ image
     branch3 = (cross * gate_t) @ words  # [N, 24, a]
     branch4 = torch.softmax(cross, -1) @ words
-    gated_norm = kca.norm if normalise_gated else (lambda x: x)
-    visual = kca.visual_output((kca.norm(branch1) + gated_norm(branch2)).flatten(1))
-    text = kca.text_output((kca.norm(branch4) + gated_norm(branch3)).flatten(1))
+    plain_norm = kca.norm if normalise_visual_plain else (lambda x: x)
+    visual = kca.visual_output((plain_norm(branch1) + kca.norm(branch2)).flatten(1))
+    text = kca.text_output((kca.norm(branch4) + kca.norm(branch3)).flatten(1))
     return visual, text
 
 
-def cosine(a, b):
+def cosine(a, b, faithful=False):
+    if faithful:  # the script: norms are constants for the gradient, δ = 1e-10
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-10).detach()
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
 
 
@@ -94,11 +94,12 @@ def reference_similarities(sampler, model, positives, candidates, corrupt_head):
         relation = model.relation_representations(torch.tensor(r))
         mine = model.entity_representations(own)
         parts = (lambda e: torch.cat([relation.expand(len(e), -1), e], 1)) if sampler.uses_relation else (lambda e: e)
-        structure = lambda e: e * torch.sigmoid(sampler.structure_mlp(parts(e)))  # noqa: E731  eq. 7
-        out["structure"][row] = cosine(structure(table), structure(mine))
+        structure = lambda e: e * torch.sigmoid(sampler.structure.mlp(parts(e)))  # noqa: E731  eq. 7
+        faithful = sampler.faithful
+        out["structure"][row] = cosine(structure(table), structure(mine), faithful)
         cand_visual, cand_text = reference_kca(sampler, candidates, relation)
-        own_visual, own_text = reference_kca(sampler, own, relation, normalise_gated=not sampler.faithful)
-        out["image"][row], out["text"][row] = cosine(cand_visual, own_visual), cosine(cand_text, own_text)
+        own_visual, own_text = reference_kca(sampler, own, relation, normalise_visual_plain=not faithful)
+        out["image"][row], out["text"][row] = cosine(cand_visual, own_visual, faithful), cosine(cand_text, own_text, faithful)
     return out
 
 
@@ -130,13 +131,109 @@ def test_deduplicated_similarities_equal_per_row_computation(options):
             torch.testing.assert_close(sim, reference[modality], atol=1e-5, rtol=0)
 
 
+def dense_grads(modules):
+    grads = []
+    for module in modules:
+        for parameter in module.parameters():
+            grad = parameter.grad
+            grads.append(None if grad is None else (grad.to_dense() if grad.is_sparse else grad).clone())
+            parameter.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("options", [{}, {"ablation": "no_rel"}, {"faithful": True}])
+@pytest.mark.parametrize("groups_per_chunk", [1, 1000])
+def test_fast_similarities_have_the_reference_gradients(options, groups_per_chunk):
+    """Chunked, fused relation-gated similarities: values and gradients (sampler and model
+    parameters) equal the per-row equations, also when some rows receive no gradient."""
+    graph = random_graph()
+    sampler, model = make(graph, **options), transe(graph)
+    sampler.groups_per_chunk = groups_per_chunk
+    for parameter in sampler.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    positives, candidates = graph.train[:14], torch.randperm(E)[:25]
+    g = torch.Generator().manual_seed(5)
+    for corrupt in (False, True):
+        corrupt_head = torch.full((14,), corrupt)
+        weights = {m: torch.randn(14, 25, generator=g) * (torch.arange(14) % 3 != 0).unsqueeze(1) for m in MODALITIES_ALL}
+        fast = sampler.similarities(positives, candidates, corrupt_head, model)
+        sum(((fast[m][0] * weights[m]).sum() for m in fast)).backward()
+        fast_grads = dense_grads([sampler, model])
+        reference = reference_similarities(sampler, model, positives, candidates, corrupt_head)
+        sum(((reference[m] * weights[m]).sum() for m in fast)).backward()
+        for mine, theirs in zip(fast_grads, dense_grads([sampler, model])):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def reference_draws(logits, eligible, noise):
+    """Eq. 13 as published: n masked Gumbel-softmax draws one after the other."""
+    soft, positions, drawn = [], [], []
+    for k in range(noise.shape[0]):
+        scores = logits + noise[k]
+        slot_drawn = eligible.any(1)
+        choice = scores.masked_fill(~eligible, -math.inf).argmax(1)
+        soft.append(torch.softmax(scores, dim=1))
+        positions.append(torch.where(slot_drawn, choice, 0))
+        drawn.append(slot_drawn)
+        hit = F.one_hot(choice, logits.shape[1]).bool() & slot_drawn.unsqueeze(1)
+        eligible = eligible & ~hit
+        logits = logits + LOG_MASK * hit
+    return torch.stack(positions, 1), torch.stack(drawn, 1), torch.stack(soft, 1)
+
+
+def test_vectorised_draws_equal_sequential_draws():
+    g = torch.Generator().manual_seed(0)
+    batch, presample, n = 30, 12, 5
+    for trial in range(4):
+        logits = torch.randn(batch, presample, generator=g, requires_grad=True)
+        eligible = torch.rand(batch, presample, generator=g) > 0.3
+        eligible[0] = False  # a row with nothing to draw
+        eligible[1, :3], eligible[1, 3:] = True, False  # a row that runs out after 3 draws
+        noise = -torch.log(-torch.log(torch.rand(n, batch, presample, generator=g)))
+        draws = straight_through_draws(logits, eligible, noise)
+        positions, drawn, soft = reference_draws(logits, eligible, noise)
+        assert torch.equal(draws.positions, positions) and torch.equal(draws.drawn, drawn)
+        torch.testing.assert_close(draws.soft, soft, atol=1e-6, rtol=1e-5)
+        weight = torch.randn(soft.shape, generator=g)
+        mine, = torch.autograd.grad((draws.soft * weight).sum(), logits)
+        theirs, = torch.autograd.grad((soft * weight).sum(), logits)
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_gumbel_top_k_follows_sequential_draws_without_replacement():
+    """Frequencies of the ordered pair (first, second) over 40k rows against the exact
+    probability of drawing them in that order one at a time without replacement."""
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.7, -2.0])
+    eligible = torch.tensor([True, True, True, False, True])
+    rows = 40000
+    draws = gumbel_top_k(logits.expand(rows, -1), eligible.expand(rows, -1), 2, torch.Generator().manual_seed(0))
+    assert bool(draws.drawn.all()) and not bool((draws.positions == 3).any())
+    p = torch.softmax(logits.masked_fill(~eligible, -math.inf), 0)
+    counts = torch.zeros(5, 5)
+    counts.index_put_((draws.positions[:, 0], draws.positions[:, 1]), torch.ones(rows), accumulate=True)
+    chi2 = 0.0
+    for i in range(5):
+        for j in range(5):
+            if i != j and eligible[i] and eligible[j]:
+                expected = rows * p[i] * p[j] / (1 - p[i])
+                chi2 += float((counts[i, j] - expected) ** 2 / expected)
+            else:
+                assert counts[i, j] == 0
+    assert chi2 < 40.0  # 11 degrees of freedom: P(chi2 > 40) < 1e-4
+
+
 def test_grouped_cosine_matches_per_row_cosine():
     g = torch.Generator().manual_seed(0)
     candidates, queries = torch.randn(9, 20, 7, generator=g), torch.randn(50, 7, generator=g)
     group = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(9, (20,), generator=g)])  # skewed sizes
     expected = torch.stack([cosine(candidates[group[b]], queries[b]) for b in range(50)])
-    torch.testing.assert_close(grouped_cosine(candidates, queries, group), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(grouped_cosine(candidates[:1], queries, group), cosine(candidates[0][None], queries[:, None]))
+    for per_chunk in (1, 4, 9):
+        groups = RowGroups.build(group, 9, per_chunk)
+        torch.testing.assert_close(grouped_cosine(candidates, queries, groups), expected, atol=1e-6, rtol=0)
+    single = RowGroups.single(50, "cpu")
+    torch.testing.assert_close(grouped_cosine(candidates[:1], queries, single), cosine(candidates[0][None], queries[:, None]))
 
 
 def test_straight_through_select_matches_one_hot_matmul():
@@ -149,7 +246,7 @@ def test_straight_through_select_matches_one_hot_matmul():
     hard = F.one_hot(index, 6).float()
     expected = (hard - soft.detach() + soft) @ table
     grads = torch.autograd.grad((expected * weight).sum(), (logits, table))
-    actual = _StraightThroughSelect.apply(logits.softmax(-1), index, table)
+    actual = StraightThroughSelect.apply(logits.softmax(-1), index, table)
     assert torch.equal(actual, table[index])
     for mine, theirs in zip(torch.autograd.grad((actual * weight).sum(), (logits, table)), grads):
         torch.testing.assert_close(mine, theirs)
@@ -158,7 +255,7 @@ def test_straight_through_select_matches_one_hot_matmul():
 def test_kgc_loss_reaches_kca_parameters_through_the_sample():
     graph = random_graph()
     for detach in (False, True):
-        sampler, model = make(graph, kgc_grad_to_sampler=not detach), transe(graph)
+        sampler, model = make(graph, kgc_gradient="none" if detach else "minimise"), transe(graph)
         positives = graph.train[:16]
         negatives = sampler.sample(positives, model, step=0)
         loss, _ = kgc_loss(model, positives, negatives)
@@ -248,15 +345,18 @@ def test_candidates_without_the_only_modality_are_never_drawn():
     assert torch.equal(a.ids[rows_with_image], b.ids[rows_with_image])
 
 
-def contrastive_by_hand(sims, known, own, positions, scores, alpha, num_entities, pooled):
+def contrastive_by_hand(sims, known, own, positions, scores, alpha, num_entities, faithful, temperature=1.0, weights="paper"):
+    """Eqs. 9-11 row by row; ``faithful``: the script (pooled, own entity a positive, weights / |E|)."""
     log_w = torch.full(known.shape, -math.log(num_entities))
+    script = faithful or weights == "script"
     for row in range(known.shape[0]):
-        log_w[row, positions[row]] = torch.log_softmax(alpha * scores[row], 0)
-    pos, neg = known & ~own, ~known
-    if pooled:
-        return -(torch.logsumexp((log_w + sims)[pos], 0) - torch.logsumexp((log_w + sims)[neg], 0))
+        log_w[row, positions[row]] = torch.log_softmax(alpha * scores[row], 0) - (math.log(num_entities) if script else 0)
+    pos, neg = (known if faithful else known & ~own), ~known
+    logit = log_w + sims / temperature
+    if faithful:
+        return -(torch.logsumexp(logit[pos], 0) - torch.logsumexp(logit[neg], 0))
     losses = [
-        -(torch.logsumexp((log_w + sims)[row][pos[row]], 0) - torch.logsumexp((log_w + sims)[row][neg[row]], 0))
+        -(torch.logsumexp(logit[row][pos[row]], 0) - torch.logsumexp(logit[row][neg[row]], 0))
         for row in range(known.shape[0]) if pos[row].any()
     ]
     return torch.stack(losses).mean()
@@ -276,7 +376,7 @@ def test_contrastive_loss_matches_eqs_9_to_11(faithful):
     for sim, valid in ctx.similarities.values():
         assert bool(valid.all())
         per_modality.append(
-            contrastive_by_hand(sim.detach(), ctx.known, ctx.own, ctx.positions, scores.detach(), 0.5, 40, faithful)
+            contrastive_by_hand(sim.detach(), ctx.known, ctx.own, ctx.draws.positions, scores.detach(), 0.5, 40, faithful)
         )
     torch.testing.assert_close(loss.detach(), 0.5 * torch.stack(per_modality).mean())
 
@@ -292,7 +392,7 @@ def test_contrastive_loss_is_finite_without_positive_in_the_presample():
         negatives = sampler.sample(positives, model, step=1)
         loss, scores = kgc_loss(model, positives, negatives)
         auxiliary = sampler.auxiliary_loss(positives, negatives, scores, model)
-        assert auxiliary.item() == 0.0
+        assert torch.isfinite(auxiliary) and (faithful or auxiliary.item() == 0.0)  # the script counts the own entity
         (loss + auxiliary).backward()
         for parameter in list(sampler.parameters()) + list(model.parameters()):
             if parameter.grad is not None:
@@ -317,7 +417,7 @@ def test_ablation_no_rel_makes_everything_relation_free():
         for modality in a:
             assert torch.allclose(a[modality][0], b[modality][0], atol=1e-6) is independent
     no_rel = make(graph, ablation="no_rel")
-    assert no_rel.kca.visual_gate is None and no_rel.structure_mlp[0].in_features == DIM
+    assert no_rel.kca.visual_gate is None and no_rel.structure.mlp[0].in_features == DIM
 
 
 def test_ablation_no_kca_replaces_only_the_multimodal_encoder():
@@ -325,7 +425,7 @@ def test_ablation_no_kca_replaces_only_the_multimodal_encoder():
     model = transe(graph)
     full, plain = make(graph), make(graph, ablation="no_kca")
     assert plain.kca is None and not any("kca" in name for name, _ in plain.named_parameters())
-    plain.structure_mlp.load_state_dict(full.structure_mlp.state_dict())
+    plain.structure.load_state_dict(full.structure.state_dict())
     positives, candidates = graph.train[:12], torch.arange(0, E, 2)
     head = torch.zeros(12, dtype=torch.bool)
     a = full.similarities(positives, candidates, head, model)
@@ -446,7 +546,7 @@ def test_works_with_every_kgc_model(name):
     loss, scores = kgc_loss(model, positives, negatives)
     assert torch.allclose(scores, model.score_negatives(positives, negatives.ids, negatives.corrupt_head), atol=1e-5)
     (loss + sampler.auxiliary_loss(positives, negatives, scores, model)).backward()
-    for parameter in (sampler.structure_mlp[0].weight, sampler.kca.text_gate.weight, sampler.kca.visual_projection.weight):
+    for parameter in (sampler.structure.mlp[0].weight, sampler.kca.text_gate.weight, sampler.kca.visual_projection.weight):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
 
 
@@ -458,7 +558,7 @@ def test_from_params_reads_feature_caches():
                     np.ones(E, dtype=np.int32), {})
     params = {"presample_size": 0.25, "eps0": 1.0, "beta": 0.005, "attention_dim": 8,
               "structure_hidden": 10, "adversarial_temperature": 0.5, "faithful": False, "ablation": "none",
-              "modalities": ["structure", "text", "image"], "kgc_grad_to_sampler": True}
+              "modalities": ["structure", "text", "image"], "kgc_gradient": "minimise"}
     sampler = MMRNSSampler.from_params(graph, params, model, NEG, 0, text, None)
     assert sampler.presample == 20 and sampler.kca.attention_dim == 8
     assert not sampler.visual_mask.any() and sampler.visual_features.shape == (E, 24, 383)

@@ -57,6 +57,7 @@ class TokenFactors:
     normalised: torch.Tensor  # [N, J, K, a] U with the LayerNorm scale γ (centred tokens)
 
 
+
 @dataclass(frozen=True)
 class Encoded:
     """Relation-free part of KCA for ``N`` entities."""
@@ -64,6 +65,15 @@ class Encoded:
     cross: torch.Tensor  # [N, Ti, Tt] M
     visual: TokenFactors  # tokens: image (J = Ti), slots: sentences (K = Tt)
     text: TokenFactors  # tokens: sentences (J = Tt), slots: image tokens (K = Ti)
+
+    def split(self, count: int) -> tuple[Encoded, Encoded]:
+        """The first ``count`` entities and the rest (``split``: one backward node per tensor)."""
+        parts = [x.split([count, len(x) - count]) for x in (self.cross, *vars(self.visual).values(), *vars(self.text).values())]
+        return tuple(  # type: ignore[return-value]
+            Encoded(cross, TokenFactors(*visual), TokenFactors(*text))
+            for cross, *rest in zip(*parts)
+            for visual, text in [(rest[:3], rest[3:])]
+        )
 
 
 class CrossModalAttention(nn.Module):
@@ -158,15 +168,15 @@ class CrossModalAttention(nn.Module):
         paired: bool,
         visual: bool = True,
         text: bool = True,
-        normalise_gated: bool = True,
+        normalise_visual_plain: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Eq. 6 visual and textual representations.
 
         ``gates`` from :meth:`gates`. ``paired=False``: every entity under every relation,
         outputs ``[R, N, a]`` (``R = 1`` without gates). ``paired=True``: entity ``i`` under
-        relation ``i`` (gates ``[N, Ti, Tt]``), outputs ``[N, a]``. ``normalise_gated=False``
-        skips the LayerNorm of the gated branch (the released script's positive branch).
-        A modality switched off returns None.
+        relation ``i`` (gates ``[N, Ti, Tt]``), outputs ``[N, a]``. ``normalise_visual_plain=False``
+        skips the LayerNorm of the text-guided visual branch (1), as the released script does on
+        the positive's path. A modality switched off returns None.
         """
         cross = encoded.cross  # [N, Ti, Tt]
         if gates is None:
@@ -175,19 +185,19 @@ class CrossModalAttention(nn.Module):
             visual_gate, text_gate = gates
         expand = (lambda g: g.unsqueeze(0)) if paired else (lambda g: g.unsqueeze(1))  # -> [1, N, ...] / [R, 1, ...]
         outputs = []
-        for wanted, factors, output, slot_cross, slot_gate in (
-            (visual, encoded.visual, self.visual_output, cross.transpose(1, 2), visual_gate.transpose(-1, -2)),  # [., Tt, Ti]
-            (text, encoded.text, self.text_output, cross, text_gate),  # [., Ti, Tt]
+        for wanted, factors, output, slot_cross, slot_gate, normalise_plain in (
+            (visual, encoded.visual, self.visual_output, cross.transpose(1, 2), visual_gate.transpose(-1, -2), normalise_visual_plain),
+            (text, encoded.text, self.text_output, cross, text_gate, True),  # [., Ti, Tt]
         ):
             if not wanted:
                 outputs.append(None)
                 continue
             plain = slot_cross.softmax(-1)  # branch 1 (softmax over Ti) / branch 4 (over Tt)
-            relation_free = self._attend(factors, plain.unsqueeze(0), output, True)[0]  # [N, a]
-            if paired or gates is None or not normalise_gated:
-                guided = self._attend(factors, slot_cross.unsqueeze(0) * expand(slot_gate), output, normalise_gated)
+            relation_free = self._attend(factors, plain.unsqueeze(0), output, normalise_plain)[0]  # [N, a]
+            if paired or gates is None:
+                guided = self._attend(factors, slot_cross.unsqueeze(0) * expand(slot_gate), output, True)
             else:  # every candidate under every relation of the batch
                 guided = self._attend_gated(factors, slot_cross, slot_gate)  # [R, N, a]
-            value = relation_free + guided + self._constant(output, 1 + int(normalise_gated))
+            value = relation_free + guided + self._constant(output, 1 + int(normalise_plain))
             outputs.append(value[0] if paired else value)
         return outputs[0], outputs[1]

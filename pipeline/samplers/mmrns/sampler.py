@@ -1,6 +1,6 @@
 """MMRNS: relation-enhanced multimodal negative sampling (Xu et al., ACM MM 2022, section 3).
 
-Shapes: ``B`` batch, ``P`` pre-sampled candidates, ``n`` negatives per positive, ``R_b``
+Shapes: ``B`` batch, ``P`` pre-sampled candidates, ``n`` negatives per positive, ``G``
 distinct relations in the batch, ``d`` entity width, ``a`` attention width (50).
 
 Per training step (``step`` 0-based):
@@ -10,31 +10,28 @@ Per training step (``step`` 0-based):
    and sharing lets every per-candidate computation run once). ``P = ceil(|E|/10)`` by
    default. Even steps corrupt tails, odd steps heads (the script alternates batches).
 2. Representations of the candidates and of each row's *positive entity* (the entity
-   being replaced: the tail for tail corruption, the head for head corruption):
-   KCA (eqs. 1-6, :mod:`pipeline.samplers.kca`) for image and text, and the structural
-   branch (eq. 7) ``e_s = t ⊙ sigmoid(MLP([r; t]))`` on the KGC model's own
-   representations, an MLP ``Linear(d_r + d, 100) - LeakyReLU(0.1) - Linear(100, d)`` (the
-   paper writes one layer; hidden 100 is the script's). Everything relation-gated depends
-   only on (relation, candidate), so it is computed once per distinct relation of the
-   batch (``[R_b, P, .]``) and compared with each row's positive by relation group: never
-   ``[B, P, 24, a]`` or ``[B, P, d]``.
+   being replaced: the tail for tail corruption, the head for head corruption): KCA
+   (eqs. 1-6, :mod:`~pipeline.samplers.mmrns.kca`) for image and text, encoded once for
+   candidates and positives together, and the structural branch (eq. 7,
+   :mod:`~pipeline.samplers.mmrns.structure`) on the KGC model's own representations.
+   Everything relation-gated depends only on (relation, candidate), so it is computed once
+   per distinct relation of the batch (``[G, P, .]``) and compared with each row's positive
+   by relation group (:mod:`~pipeline.samplers.mmrns.groups`): never ``[B, P, 24, a]`` or
+   ``[B, P, d]``.
 3. Cosine similarities (eq. 8, δ = 1e-8) of every candidate to the row's positive, per
-   modality: three ``[B, P]`` matrices.
-4. Sampling log-probabilities (eq. 12): ``log p = log(sum_m softmax(sim_m / ϵ) / 3)``,
+   modality: ``[B, P]`` matrices.
+4. Sampling log-probabilities (eq. 12): ``log p = log(sum_m softmax(sim_m / ϵ) / M)``,
    ``ϵ = ϵ0 / (1 + ln(iter))`` with ``iter = step + 1`` (eq. 15; step 0 uses ϵ0).
-5. Masked Gumbel-softmax (eq. 13): ``y = softmax((log p + log mask + g) / τ)``, τ = 1,
-   ``log mask = ln(1e-38)`` at the row's known TRAIN answers among the candidates (found
-   with the sorted-key :class:`~pipeline.samplers.known_positives.KnownPositives` index, no
-   dense ``[B, |E|]`` mask) and
-   at the positive entity itself. ``n`` draws without replacement: after each draw the
-   chosen column gets ``ln(1e-38)`` added. Straight-through: the forward value is the
-   hard one-hot, the gradient that of ``y``. The hard choice is the Gumbel-max
-   ``argmax(log p + g)`` over candidates that are neither known positives nor drawn, so a
-   known positive is never drawn even when ``ln(1e-38)`` would not outweigh the noise.
-   The negatives' representations are ``one_hot @ E[candidates]`` (computed as a gather
-   with the matching backward), so the KGC loss reaches the sampler (``kgc_grad_to_sampler``).
-6. Contrastive loss (eqs. 9-11) in :meth:`MMRNSSampler.auxiliary_loss`, returned as
-   ``β L_con`` (eq. 14: the loop adds it to ``L_kgc``).
+5. Masked Gumbel-softmax (eq. 13, :mod:`~pipeline.samplers.mmrns.draws`): ``log mask =
+   ln(1e-38)`` at the row's known TRAIN answers among the candidates (the sorted-key
+   :class:`~pipeline.samplers.known_positives.KnownPositives` index, no dense ``[B, |E|]``
+   mask) and at the positive entity itself; ``n`` straight-through draws without
+   replacement, τ = 1. A known positive is never drawn, even when ``ln(1e-38)`` would not
+   outweigh the noise. The negatives' representations are ``one_hot @ E[candidates]``
+   (a gather with the matching backward), so the KGC loss reaches the sampler.
+6. Contrastive loss (eqs. 9-11, :mod:`~pipeline.samplers.mmrns.contrastive`) in
+   :meth:`MMRNSSampler.auxiliary_loss`, returned as ``β L_con`` (eq. 14: the loop adds it
+   to ``L_kgc``).
 
 Decisions where the paper is silent:
 
@@ -53,28 +50,18 @@ Decisions where the paper is silent:
   (``absent_modalities``; same draws and losses, without KCA's image branch); with none
   left, the sampler draws uniformly from the pre-sample. An entity without image still
   has a text representation from KCA with all-zero image tokens (as the script); only the
-  zero *image* is never compared as content. Padding sentences (rows beyond the entity's count) are zero, as in
-  the script.
-- Contrastive sets (default, per row): positives = the pre-sample candidates that are
-  known TRAIN answers of the row's query, other than the row's own entity (``cos(z, z)``
-  would be a constant); negatives = every other candidate; weights (eq. 9) =
-  ``softmax_j(α s_j)`` over the row's ``n`` KGC scores (detached) for drawn candidates,
-  ``1/|E|`` for the others. ``l = logsumexp_P(ln w + sim) - logsumexp_N(ln w + sim)``
-  negated; rows without a positive contribute nothing (finite, no NaN) and the loss of a
-  modality is the mean over the rows that have one; eq. 11 averages the modalities that
-  contributed.
+  zero *image* is never compared as content. Padding sentences are zero, as in the script.
 
 ``faithful: true`` reproduces the released script where it departs from the paper:
 
 - eq. 10: positives and negatives are pooled over the whole batch (one ratio per
-  modality) instead of one ratio per row;
+  modality) instead of one ratio per row, and the row's own entity counts as a positive;
 - eq. 12: the mixture is the unnormalised sum of the modality softmaxes instead of their
-  mean (``/3``). This shifts every row's ``log p`` by a constant, so the hard Gumbel
-  sample is the same; the straight-through ``y`` is the same too (softmax is shift
-  invariant); it is kept for completeness;
-- eq. 6: the positive entity's relation-gated branch is not layer-normalised (the notes
-  say the script's positive branch skips one of the candidate branch's LayerNorms without
-  naming it; we take the gated one);
+  mean (a constant shift of every row's ``log p``: same draws, same straight-through ``y``);
+- eq. 6: on the positive's path the text-guided *visual* branch (1) is not
+  layer-normalised (text is);
+- eq. 8: the norms in the cosine are constants for the gradient, δ = 1e-10;
+- eq. 9: the drawn candidates' weights are ``softmax(α s) / |E|``;
 - the pre-sample is shared by the batch in both modes.
 
 Ablations (sec. 4.6): ``no_kca``: image and text similarities are cosines of one Linear
@@ -83,6 +70,23 @@ exist); ``no_css``: the contrastive loss is dropped (:meth:`auxiliary_loss` retu
 None), the sampler learns from the KGC loss only; ``no_rel``: no relation gates (the gated
 branches use ``M`` itself) and no relation in eq. 7, so every representation is
 relation-free. ``modalities`` switches structure / text / image similarities on or off.
+
+Variants (not in the paper; each a key of ``sampler.mmrns``, defaults = the paper):
+
+- ``kgc_gradient``: ``minimise`` (published: the KGC loss trains the sampler through the
+  straight-through sample, which favours *easy* negatives), ``none`` (the sampler learns
+  from the contrastive loss only; the draws need no gradient and use Gumbel-top-k),
+  ``maximise`` (gradient reversal through the straight-through path: the sampler ascends
+  the KGC loss, i.e. learns toward negatives the model scores high; the model's
+  representations are detached inside the sampler, so the reversed gradient never trains
+  the model).
+- ``uniform_mix`` λ: ``p' = (1 - λ) p + λ / P`` before the mask.
+- ``score_similarity``: the model's own (detached) score of each candidate for the row's
+  query, standardised per row, as one more similarity in eq. 12.
+- ``contrastive_temperature`` T (eq. 10 ``exp(sim / T)``) and ``contrastive_weights``
+  (``paper`` | ``script``, eq. 9).
+- ``warm_start`` k: the first k steps draw uniform negatives from the whole graph (head or
+  tail 50/50 per row, as the Uniform sampler) and train no sampler parameter.
 """
 from __future__ import annotations
 
@@ -93,23 +97,27 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.autograd.profiler import record_function
 
 from pipeline.errors import ConfigError
 from pipeline.features import Features
 from pipeline.graph import KnowledgeGraph
 from pipeline.models.base import KGCModel
 from pipeline.samplers.base import SAMPLERS, NegativeSampler, Negatives
-from pipeline.samplers.kca import LEAKY_SLOPE, CrossModalAttention
 from pipeline.samplers.known_positives import KnownPositives
+from pipeline.samplers.mmrns.contrastive import WEIGHTS, contrastive_loss, contrastive_weights
+from pipeline.samplers.mmrns.draws import LOG_MASK, Draws, StraightThroughSelect, gumbel_noise, gumbel_top_k, straight_through_draws
+from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, grouped_cosine, relation_groups
+from pipeline.samplers.mmrns.kca import CrossModalAttention
+from pipeline.samplers.mmrns.structure import StructuralGate
 
 MODALITIES = ("structure", "text", "image")
 ABLATIONS = ("none", "no_kca", "no_css", "no_rel")
-LOG_MASK = math.log(1e-38)  # eq. 13: log of the mask value at known positives and drawn columns
-COSINE_DELTA = 1e-8  # eq. 8
-GUMBEL_TAU = 1.0
+KGC_GRADIENTS = ("minimise", "none", "maximise")
 FALLBACK_TRIES = 1000
 UNAVAILABLE = -1e4  # finite "log 0" for a modality a candidate lacks (keeps gradients NaN-free)
+CHUNK_ELEMENTS = 2**21  # [groups, P, width] elements per chunk of relation groups (stays in cache)
+SCRIPT_COSINE = CosineForm(delta=1e-10, norm_gradient=False)
 
 
 def exploration_factor(eps0: float, step: int) -> float:
@@ -130,28 +138,6 @@ def presample_count(presample_size: float | int, num_entities: int) -> int:
     return presample_size
 
 
-class _StraightThroughSelect(torch.autograd.Function):
-    """``(hard + soft - soft.detach()) @ table`` with ``hard = one_hot(index)``, as a gather.
-
-    Forward: ``table[index]`` ``[B, n, d]`` exactly. Backward: ``soft`` gets
-    ``grad @ table^T`` ``[B, n, P]``; ``table`` gets the one-hot scatter of ``grad``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, soft: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index, table)
-        return table[index]
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
-        index, table = ctx.saved_tensors
-        grad_soft = grad @ table.T if ctx.needs_input_grad[0] else None
-        grad_table = None
-        if ctx.needs_input_grad[2]:
-            grad_table = torch.zeros_like(table).index_add_(0, index.reshape(-1), grad.reshape(-1, grad.shape[-1]))
-        return grad_soft, None, grad_table
-
-
 def relation_vectors(model: KGCModel, ids: torch.Tensor) -> torch.Tensor:
     """``[R, d_r]``: the model's relation representations of ``ids [R]`` as flat real vectors
     (GC-OTE's are ``[K, s, s + 1]`` blocks; complex ones are split into real and imaginary parts)."""
@@ -159,67 +145,6 @@ def relation_vectors(model: KGCModel, ids: torch.Tensor) -> torch.Tensor:
     if relations.is_complex():
         relations = torch.view_as_real(relations)
     return relations.reshape(len(ids), -1)
-
-
-def bucket_widths(sizes: torch.Tensor) -> torch.Tensor:
-    """Group sizes ``[G]`` rounded up to a power of two (the padded block width of :func:`grouped_cosine`)."""
-    return torch.pow(2, torch.ceil(torch.log2(sizes.clamp_min(1).double()))).long()
-
-
-def relation_groups(relations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct relations ``[G]`` of a batch's relation column ``[B]`` and each row's group ``[B]``.
-
-    Groups are ordered by :func:`bucket_widths`, so :func:`grouped_cosine` needs no re-gather.
-    """
-    distinct, group = torch.unique(relations, return_inverse=True)
-    order = torch.argsort(bucket_widths(torch.bincount(group, minlength=len(distinct))), stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order), device=order.device)
-    return distinct[order], rank[group]
-
-
-def grouped_cosine(candidates: torch.Tensor, queries: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Eq. 8 ``[B, P]``: cosine of ``queries [B, x]`` to ``candidates [G, P, x]`` of row ``b``'s group ``group[b]``.
-
-    ``G`` = distinct relations of the batch (or 1 when relation-free). Rows are batched by
-    group into zero-padded ``[groups, width, x]`` blocks, one ``bmm`` per width class
-    (group sizes rounded up to a power of two): at most ~log2(B) matmuls and at most twice
-    the multiply-adds of the unpadded products, never a ``[B, P, x]`` gather.
-    """
-    if candidates.shape[0] == 1:
-        group = torch.zeros_like(group)
-    norms = torch.linalg.vector_norm(candidates, dim=-1)[group]  # [B, P]
-    if candidates.shape[0] == 1:
-        dots = queries @ candidates[0].T
-    else:
-        sizes = torch.bincount(group, minlength=candidates.shape[0])  # [G]
-        width = bucket_widths(sizes)  # [G]
-        present = sizes.nonzero().squeeze(1)
-        by_width = present[torch.argsort(width[present], stable=True)]  # [G'] groups sorted by width
-        slot = torch.full_like(sizes, -1)
-        slot[by_width] = torch.arange(len(by_width), device=group.device)
-        row_order = torch.argsort(slot[group], stable=True)  # rows sorted by their group's slot
-        row_slot = slot[group][row_order]  # [B]
-        group_sizes = sizes[by_width]
-        rank = torch.arange(len(group), device=group.device) - (torch.cumsum(group_sizes, 0) - group_sizes)[row_slot]
-        block_widths, bucket_groups = torch.unique_consecutive(width[by_width], return_counts=True)
-        bucket_rows = torch.stack([chunk.sum() for chunk in torch.split(group_sizes, bucket_groups.tolist())])
-        # split (one backward node) rather than slicing per bucket (one full-size zero gradient each)
-        if not torch.equal(by_width, torch.arange(len(sizes), device=by_width.device)):  # see relation_groups
-            candidates = candidates.index_select(0, by_width)
-        candidate_blocks = torch.split(candidates, bucket_groups.tolist())
-        query_blocks = torch.split(queries[row_order], bucket_rows.tolist())
-        row_slots, row_ranks = torch.split(row_slot, bucket_rows.tolist()), torch.split(rank, bucket_rows.tolist())
-        parts, first_group = [], 0
-        for bucket, bucket_width in enumerate(block_widths.tolist()):
-            local = row_slots[bucket] - first_group, row_ranks[bucket]
-            count = len(candidate_blocks[bucket])
-            block = queries.new_zeros(count, bucket_width, queries.shape[1]).index_put(local, query_blocks[bucket])
-            parts.append(torch.bmm(block, candidate_blocks[bucket].transpose(1, 2))[local])  # [rows, P]
-            first_group += count
-        dots = torch.cat(parts)[torch.argsort(row_order)]  # back to row order
-    scale = torch.linalg.vector_norm(queries, dim=-1, keepdim=True) * norms
-    return dots / (scale + COSINE_DELTA)
 
 
 @dataclass
@@ -230,8 +155,7 @@ class _StepContext:
     similarities: dict[str, tuple[torch.Tensor, torch.Tensor]]  # modality -> (sim [B, P], valid [B, P])
     known: torch.Tensor  # [B, P] bool: known TRAIN answer of the row's query (or the row's own entity)
     own: torch.Tensor  # [B, P] bool: the candidate is the row's own positive entity
-    positions: torch.Tensor  # [B, n] column of each draw in the pre-sample
-    drawn: torch.Tensor  # [B, n] bool: slot drawn from the pre-sample (False: fallback)
+    draws: Draws
 
 
 @SAMPLERS.register("mmrns")
@@ -259,13 +183,22 @@ class MMRNSSampler(NegativeSampler):
         faithful: bool = False,
         ablation: str = "none",
         modalities: Sequence[str] = MODALITIES,
-        kgc_grad_to_sampler: bool = True,
+        kgc_gradient: str = "minimise",
+        uniform_mix: float = 0.0,
+        score_similarity: bool = False,
+        contrastive_temperature: float = 1.0,
+        contrastive_weights: str = "paper",
+        warm_start: int = 0,
     ):
         """Features: ``text_features [E, Tt, D_t]``, ``visual_features [E, Ti, D_i]`` (any float
         dtype, kept as given; zeros where the mask is False), masks ``[E]`` bool."""
         super().__init__(graph, num_negatives, seed)
-        if ablation not in ABLATIONS:
-            raise ConfigError(f"sampler.mmrns.ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
+        for key, value, allowed in (
+            ("ablation", ablation, ABLATIONS), ("kgc_gradient", kgc_gradient, KGC_GRADIENTS),
+            ("contrastive_weights", contrastive_weights, WEIGHTS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"sampler.mmrns.{key} must be one of {', '.join(allowed)}, got {value!r}")
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ConfigError(f"sampler.mmrns.modalities must be a non-empty subset of {list(MODALITIES)}, got {modalities!r}")
@@ -275,14 +208,21 @@ class MMRNSSampler(NegativeSampler):
                     f"{name} features must be [E={graph.num_entities}, T, D] with a mask [E], "
                     f"got {tuple(values.shape)} and {tuple(mask.shape)}"
                 )
-        if not eps0 > 0 or not beta >= 0 or not adversarial_temperature > 0:
-            raise ConfigError(f"sampler.mmrns: need eps0 > 0, beta >= 0, adversarial_temperature > 0; got {eps0}, {beta}, "
-                              f"{adversarial_temperature}")
+        if not (eps0 > 0 and beta >= 0 and adversarial_temperature > 0 and contrastive_temperature > 0):
+            raise ConfigError(
+                "sampler.mmrns: need eps0 > 0, beta >= 0, adversarial_temperature > 0, contrastive_temperature > 0; "
+                f"got {eps0}, {beta}, {adversarial_temperature}, {contrastive_temperature}"
+            )
+        if not 0 <= uniform_mix <= 1 or not (isinstance(warm_start, int) and warm_start >= 0):
+            raise ConfigError(f"sampler.mmrns: need 0 <= uniform_mix <= 1 and an integer warm_start >= 0; got {uniform_mix}, {warm_start!r}")
         self.presample = presample_count(presample_size, graph.num_entities)
         if self.presample < num_negatives:
             raise ConfigError(f"sampler.mmrns.presample_size gives {self.presample} candidates < {num_negatives} negatives")
         self.eps0, self.beta, self.alpha = float(eps0), float(beta), float(adversarial_temperature)
-        self.faithful, self.ablation, self.kgc_grad_to_sampler = bool(faithful), ablation, bool(kgc_grad_to_sampler)
+        self.faithful, self.ablation, self.kgc_gradient = bool(faithful), ablation, kgc_gradient
+        self.uniform_mix, self.score_similarity, self.warm_start = float(uniform_mix), bool(score_similarity), warm_start
+        self.contrastive_temperature, self.contrastive_weights = float(contrastive_temperature), contrastive_weights
+        self.cosine_form = SCRIPT_COSINE if self.faithful else CosineForm()
         present = {"structure": True, "text": bool(text_mask.any()), "image": bool(visual_mask.any())}
         self.modalities = tuple(m for m in MODALITIES if m in modalities and present[m])  # computed
         self.absent_modalities = tuple(m for m in MODALITIES if m in modalities and not present[m])  # no entity has it
@@ -294,11 +234,7 @@ class MMRNSSampler(NegativeSampler):
         self.register_buffer("visual_mask", visual_mask.bool(), persistent=False)
 
         relation_in = relation_dim if self.uses_relation else 0
-        self.structure_mlp = nn.Sequential(
-            nn.Linear(relation_in + entity_dim, structure_hidden),
-            nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Linear(structure_hidden, entity_dim),
-        )
+        self.structure = StructuralGate(entity_dim, relation_in, structure_hidden)
         visual_shape, text_shape = tuple(visual_features.shape[1:]), tuple(text_features.shape[1:])
         if ablation == "no_kca":
             self.kca = None
@@ -311,7 +247,9 @@ class MMRNSSampler(NegativeSampler):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_normal_(module.weight, generator=initialisation)
                 nn.init.zeros_(module.bias)
+        self.groups_per_chunk = max(1, CHUNK_ELEMENTS // (self.presample * max(entity_dim, structure_hidden)))
         self._context: _StepContext | None = None
+        self._warm_negatives: Negatives | None = None  # the last warm-start step's draws (no sampler loss)
 
     # -- construction from params.yaml --------------------------------------------------
     @classmethod
@@ -330,7 +268,8 @@ class MMRNSSampler(NegativeSampler):
         the modality is missing for every entity; the default shapes [4, 384] / [24, 383] are used)."""
         known = {
             "presample_size", "eps0", "beta", "attention_dim", "structure_hidden", "adversarial_temperature",
-            "faithful", "ablation", "modalities", "kgc_grad_to_sampler",
+            "faithful", "ablation", "modalities", "kgc_gradient", "uniform_mix", "score_similarity",
+            "contrastive_temperature", "contrastive_weights", "warm_start",
         }
         unknown = set(params) - known
         if unknown:
@@ -354,61 +293,78 @@ class MMRNSSampler(NegativeSampler):
         """Eq. 8 per active modality: ``(sim [B, P], valid [B, P])`` of each candidate to the row's positive."""
         own = torch.where(corrupt_head, positives[:, 0], positives[:, 2])  # [B]
         if self.uses_relation:
-            relation_ids, group = relation_groups(positives[:, 1])  # [R_b], [B]
+            relation_ids, groups = relation_groups(positives[:, 1], self.groups_per_chunk)  # [G], rows by group
         else:
-            relation_ids, group = positives[:1, 1], torch.zeros_like(own)
-        relations = relation_vectors(model, relation_ids)  # [R_b, d_r]
-        row_relations = relations[group]  # [B, d_r]
+            relation_ids, groups = positives[:1, 1], RowGroups.single(len(own), own.device)
+        relations = relation_vectors(model, relation_ids)  # [G, d_r]
+        if self.kgc_gradient == "maximise":  # the reversed gradient must not train the model
+            relations = relations.detach()
+        gates_for = relations if self.uses_relation else None
+        row_relations = relations[groups.group] if self.uses_relation else None  # [B, d_r]
         result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if "structure" in self.modalities:
-            table = model.entity_representations(candidates)  # [P, d]
-            mine = model.entity_representations(own)  # [B, d]
-            candidate_structure = self._structure(table.unsqueeze(0), relations.unsqueeze(1))  # [R_b | 1, P, d]
-            own_structure = self._structure(mine, row_relations)  # [B, d]
-            sim = grouped_cosine(candidate_structure, own_structure, group)
-            result["structure"] = (sim, torch.ones_like(sim, dtype=torch.bool))
+            with record_function("mmrns.structure"):
+                entities = model.entity_representations(torch.cat([candidates, own]))
+                if self.kgc_gradient == "maximise":
+                    entities = entities.detach()
+                table, mine = entities.split([len(candidates), len(own)])  # [P, d], [B, d]
+                queries = self.structure.paired(mine, row_relations)
+                sim = self.structure.cosine(table, gates_for, queries, groups, self.cosine_form)
+                result["structure"] = (sim, torch.ones_like(sim, dtype=torch.bool))
         wanted = {m: m in self.modalities for m in ("text", "image")}
         if any(wanted.values()):
-            candidate_image, candidate_text = self._multimodal(candidates, relations, paired=False, **wanted)
-            own_image, own_text = self._multimodal(own, row_relations, paired=True, **wanted)
-            for modality, mask, cand, mine in (
-                ("text", self.text_mask, candidate_text, own_text),
-                ("image", self.visual_mask, candidate_image, own_image),
-            ):
-                if cand is not None:
-                    valid = mask[own].unsqueeze(1) & mask[candidates].unsqueeze(0)  # [B, P]
-                    result[modality] = (grouped_cosine(cand, mine, group), valid)
+            candidate_image, candidate_text, own_image, own_text = self._multimodal(candidates, own, gates_for, row_relations, **wanted)
+            with record_function("mmrns.multimodal_cosine"):
+                for modality, mask, cand, mine in (
+                    ("text", self.text_mask, candidate_text, own_text),
+                    ("image", self.visual_mask, candidate_image, own_image),
+                ):
+                    if cand is not None:
+                        valid = mask[own].unsqueeze(1) & mask[candidates].unsqueeze(0)  # [B, P]
+                        result[modality] = (grouped_cosine(cand, mine, groups, self.cosine_form), valid)
+        if self.score_similarity:
+            scores = self._score_similarity(positives, candidates, corrupt_head, model)
+            result["score"] = (scores, torch.ones_like(scores, dtype=torch.bool))
         return result
 
-    def _structure(self, entities: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        """Eq. 7 ``t ⊙ sigmoid(MLP([r; t]))`` for broadcastable ``entities [..., d]``, ``relations [..., d_r]``."""
-        first = self.structure_mlp[0]
-        d_r = first.in_features - entities.shape[-1]
-        hidden = F.linear(entities, first.weight[:, d_r:], first.bias)
-        if d_r:
-            hidden = hidden + F.linear(relations, first.weight[:, :d_r])
-        gate = self.structure_mlp[2](self.structure_mlp[1](hidden))
-        return entities * torch.sigmoid(gate)
-
     def _multimodal(
-        self, entities: torch.Tensor, relations: torch.Tensor, *, paired: bool, text: bool, image: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(image, text) representations: ``[R, N, a]`` (``paired=False``) or ``[N, a]`` (entity i under relation i)."""
-        visual = self.visual_features[entities].float()  # [N, Ti, D_i]
-        words = self.text_features[entities].float()  # [N, Tt, D_t]
+        self, candidates: torch.Tensor, own: torch.Tensor, relations: torch.Tensor | None, row_relations: torch.Tensor | None,
+        *, text: bool, image: bool,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """(candidate image ``[G, P, a]``, candidate text, own image ``[B, a]``, own text); None where switched off."""
+        entities = torch.cat([candidates, own])
+        visual = self.visual_features[entities].float()  # [P + B, Ti, D_i]
+        words = self.text_features[entities].float()  # [P + B, Tt, D_t]
         if self.kca is None:  # no_kca: one Linear of the token-averaged features, relation-free
-            shape = (lambda x: x) if paired else (lambda x: x.unsqueeze(0))
-            return (
-                shape(self.visual_pooled(visual.mean(1))) if image else None,
-                shape(self.text_pooled(words.mean(1))) if text else None,
+            pooled_image = self.visual_pooled(visual.mean(1)).split([len(candidates), len(own)]) if image else (None, None)
+            pooled_text = self.text_pooled(words.mean(1)).split([len(candidates), len(own)]) if text else (None, None)
+            unsqueeze = lambda x: None if x is None else x.unsqueeze(0)  # noqa: E731
+            return unsqueeze(pooled_image[0]), unsqueeze(pooled_text[0]), pooled_image[1], pooled_text[1]
+        with record_function("mmrns.encode"):
+            encoded_candidates, encoded_own = self.kca.encode(visual, words).split(len(candidates))
+        with record_function("mmrns.gated"):
+            candidate_image, candidate_text = self.kca(
+                encoded_candidates, self.kca.gates(relations), paired=False, visual=image, text=text
             )
-        gates = self.kca.gates(relations if self.uses_relation else None)
-        normalise = not (paired and self.faithful)
-        return self.kca(self.kca.encode(visual, words), gates, paired=paired, visual=image, text=text, normalise_gated=normalise)
+            own_image, own_text = self.kca(
+                encoded_own, self.kca.gates(row_relations), paired=True, visual=image, text=text,
+                normalise_visual_plain=not self.faithful,
+            )
+        return candidate_image, candidate_text, own_image, own_text
+
+    @torch.no_grad()
+    def _score_similarity(
+        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel
+    ) -> torch.Tensor:
+        """``[B, P]``: the model's score of each candidate in the corrupted slot, standardised per row."""
+        side = "head" if bool(corrupt_head[0]) else "tail"  # one side per step
+        scores = model.score_all(positives, side)[:, candidates]
+        return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
 
     # -- sampling --------------------------------------------------------------------------
     def log_probabilities(self, similarities: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
-        """Eq. 12 ``log p [B, P]`` (finite; ``UNAVAILABLE``-level where no modality is available)."""
+        """Eq. 12 ``log p [B, P]`` (finite; ``UNAVAILABLE``-level where no modality is available),
+        mixed with ``uniform_mix`` of the uniform distribution over the pre-sample."""
         eps = exploration_factor(self.eps0, step)
         terms, available = [], []
         for sim, valid in similarities.values():
@@ -423,53 +379,60 @@ class MMRNSSampler(NegativeSampler):
         count = row_available.sum(0)  # [B, 1]
         if not self.faithful:
             log_p = log_p - count.clamp_min(1).float().log()
-        return torch.where(count > 0, log_p, torch.zeros_like(log_p))  # no modality for the row: uniform
+        log_p = torch.where(count > 0, log_p, torch.zeros_like(log_p))  # no modality for the row: uniform
+        if self.uniform_mix > 0:  # p' = (1 - λ) p + λ / P
+            uniform = torch.full_like(log_p, math.log(self.uniform_mix / log_p.shape[1]))
+            log_p = uniform if self.uniform_mix == 1 else torch.logaddexp(log_p + math.log1p(-self.uniform_mix), uniform)
+        return log_p
 
     def sample(self, positives: torch.Tensor, model: KGCModel, step: int) -> Negatives:
+        if step < self.warm_start:
+            return self._uniform(positives)
         device = positives.device
         batch, n = len(positives), self.num_negatives
         corrupt_head = torch.full((batch,), step % 2 == 1, dtype=torch.bool, device=device)
         candidates = torch.randperm(self.num_entities, generator=self.generator)[: self.presample].to(device)  # [P]
-        noise = torch.rand((n, batch, self.presample), generator=self.generator).to(device)
-        gumbel = -torch.log(-torch.log(noise.clamp_min(torch.finfo(noise.dtype).tiny)))  # [n, B, P]
+        straight_through = self.kgc_gradient != "none"
+        noise = gumbel_noise((n, batch, self.presample), self.generator, device) if straight_through else None
 
         own_entity = torch.where(corrupt_head, positives[:, 0], positives[:, 2])
         own = candidates.unsqueeze(0) == own_entity.unsqueeze(1)  # [B, P]
         known = self.known_positives.corruptions_known(positives, candidates.expand(batch, -1), corrupt_head) | own
         similarities = self.similarities(positives, candidates, corrupt_head, model)
-        log_p = self.log_probabilities(similarities, step) if similarities else torch.zeros(known.shape, device=device)
-        logits = log_p + LOG_MASK * known  # eq. 13 before the noise
-        eligible = ~known
-        if similarities:  # a candidate with no available modality is not drawn (p = 0)
-            has_any = torch.stack([v for _, v in similarities.values()]).any(0)
-            row_any = has_any.any(1, keepdim=True)
-            eligible &= has_any | ~row_any
-        soft, positions, drawn = [], [], []
-        for k in range(n):
-            scores = logits + gumbel[k]
-            slot_drawn = eligible.any(1)  # [B]
-            choice = scores.masked_fill(~eligible, -math.inf).argmax(1)  # [B]
-            soft.append(torch.softmax(scores / GUMBEL_TAU, dim=1))
-            positions.append(choice)
-            drawn.append(slot_drawn)
-            hit = F.one_hot(choice, self.presample).bool() & slot_drawn.unsqueeze(1)
-            eligible = eligible & ~hit
-            logits = logits + LOG_MASK * hit  # without replacement (eq. 13)
-        soft_draws = torch.stack(soft, 1)  # [B, n, P]
-        position = torch.stack(positions, 1)  # [B, n]
-        from_presample = torch.stack(drawn, 1)  # [B, n]
-        if not self.kgc_grad_to_sampler:
-            soft_draws = soft_draws.detach()
-        table = model.entity_representations(candidates)  # [P, d]
-        representations = _StraightThroughSelect.apply(soft_draws, position, table)  # [B, n, d]
-        ids = candidates[position]
-        if not bool(from_presample.all()):
-            ids = self._fill_exhausted(positives, corrupt_head, own_entity, ids, ~from_presample)
-            plain = model.entity_representations(ids)
-            representations = torch.where(from_presample.unsqueeze(-1), representations, plain)
+        with record_function("mmrns.draws"):
+            log_p = self.log_probabilities(similarities, step) if similarities else torch.zeros(known.shape, device=device)
+            logits = log_p + LOG_MASK * known  # eq. 13 before the noise
+            eligible = ~known
+            if similarities:  # a candidate with no available modality is not drawn (p = 0)
+                has_any = torch.stack([v for _, v in similarities.values()]).any(0)
+                row_any = has_any.any(1, keepdim=True)
+                eligible &= has_any | ~row_any
+            if straight_through:
+                draws = straight_through_draws(logits, eligible, noise)
+                table = model.entity_representations(candidates)  # [P, d]
+                sign = -1.0 if self.kgc_gradient == "maximise" else 1.0
+                representations = StraightThroughSelect.apply(draws.soft, draws.positions, table, sign)  # [B, n, d]
+            else:
+                draws = gumbel_top_k(logits, eligible, n, self.generator)
+                representations = None
+        ids = candidates[draws.positions]
+        if not bool(draws.drawn.all()):
+            ids = self._fill_exhausted(positives, corrupt_head, own_entity, ids, ~draws.drawn)
+            if representations is not None:
+                plain = model.entity_representations(ids)
+                representations = torch.where(draws.drawn.unsqueeze(-1), representations, plain)
         negatives = Negatives(ids=ids, corrupt_head=corrupt_head, representations=representations)
-        self._context = _StepContext(negatives, similarities, known, own, position, from_presample)
+        self._context = _StepContext(negatives, similarities, known, own, draws)
         return negatives
+
+    def _uniform(self, positives: torch.Tensor) -> Negatives:
+        """Warm start: uniform entities, head or tail 50/50 per row (the Uniform sampler's draws)."""
+        batch = len(positives)
+        corrupt_head = (torch.rand(batch, generator=self.generator) < 0.5).to(positives.device)
+        ids = torch.randint(self.num_entities, (batch, self.num_negatives), generator=self.generator).to(positives.device)
+        self._context = None
+        self._warm_negatives = Negatives(ids=ids, corrupt_head=corrupt_head)
+        return self._warm_negatives
 
     def _fill_exhausted(
         self, positives: torch.Tensor, corrupt_head: torch.Tensor, own: torch.Tensor, ids: torch.Tensor, missing: torch.Tensor
@@ -496,36 +459,24 @@ class MMRNSSampler(NegativeSampler):
     def auxiliary_loss(
         self, positives: torch.Tensor, negatives: Negatives, negative_scores: torch.Tensor, model: KGCModel
     ) -> torch.Tensor | None:
-        """``β L_con`` (eqs. 9-11, 14) for the negatives of the preceding :meth:`sample`; None for ``no_css``."""
-        if self.ablation == "no_css":
-            return None
+        """``β L_con`` (eqs. 9-11, 14) for the negatives of the preceding :meth:`sample`; None for
+        ``no_css`` and for warm-start steps."""
         context = self._context
+        if self.ablation == "no_css" or negatives is self._warm_negatives:
+            self._context = self._warm_negatives = None
+            return None
         if context is None or context.negatives is not negatives:
             raise RuntimeError("MMRNSSampler.auxiliary_loss needs the Negatives of the preceding sample() call")
         batch, presample = context.known.shape
-        # eq. 9: self-adversarial weights of the drawn candidates, 1/|E| elsewhere (log space).
-        log_weight = torch.full((batch, presample), -math.log(self.num_entities), device=negative_scores.device)
-        adversarial = torch.log_softmax(self.alpha * negative_scores.detach(), dim=1)  # [B, n]
-        rows = torch.arange(batch, device=log_weight.device).unsqueeze(1).expand_as(context.positions)
-        log_weight[rows[context.drawn], context.positions[context.drawn]] = adversarial[context.drawn]
-        losses = []
-        for sim, valid in context.similarities.values():
-            positive = context.known & ~context.own & valid
-            negative = ~context.known & valid
-            logit = log_weight + sim
-            if self.faithful:  # pooled over the batch
-                positive, negative, logit = positive.reshape(1, -1), negative.reshape(1, -1), logit.reshape(1, -1)
-            has_positive = positive.any(1) & negative.any(1)  # [rows]
-            if not bool(has_positive.any()):
-                continue
-            numerator = torch.logsumexp(logit.masked_fill(~positive, UNAVAILABLE * 1e5), dim=1)
-            denominator = torch.logsumexp(logit.masked_fill(~negative, UNAVAILABLE * 1e5), dim=1)
-            per_row = torch.where(has_positive, denominator - numerator, torch.zeros_like(numerator))
-            losses.append(per_row.sum() / has_positive.sum())
+        weights = "script" if self.faithful else self.contrastive_weights
+        log_weight = contrastive_weights(
+            negative_scores, context.draws.positions, context.draws.drawn, presample, self.num_entities, self.alpha, weights,
+        )
+        own = torch.zeros_like(context.own) if self.faithful else context.own  # the script counts the own entity
+        terms = [value for name, value in context.similarities.items() if name != "score"]
+        loss = contrastive_loss(terms, context.known, own, log_weight, self.contrastive_temperature, pooled=self.faithful)
         self._context = None  # release the step's tensors
-        if not losses:
-            return negative_scores.new_zeros(())
-        return self.beta * torch.stack(losses).mean()
+        return negative_scores.new_zeros(()) if loss is None else self.beta * loss
 
 
 def _feature_tensors(

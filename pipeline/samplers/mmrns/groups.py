@@ -1,0 +1,116 @@
+"""A batch's rows grouped by relation: the layout every relation-gated similarity shares.
+
+Everything relation-gated in MMRNS depends only on (relation, candidate), so it is computed
+once per distinct relation of the batch (``G`` groups, ``[G, P, x]``) and compared with the
+``B`` rows' queries ``[B, x]`` group by group. Groups are numbered by size and cut into
+chunks of consecutive groups; inside a chunk the rows are packed into a zero-padded block
+``[g, width, x]`` (``width`` = the chunk's largest group), so one ``bmm`` per chunk gives
+every row's dot products with its own group's candidates and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+
+@dataclass(frozen=True)
+class CosineForm:
+    """Eq. 8 ``<q, c> / (|q| |c| + δ)``; ``norm_gradient=False`` treats the norms as constants
+    (the released script detaches them, with δ = 1e-10)."""
+
+    delta: float = 1e-8
+    norm_gradient: bool = True
+
+
+@dataclass(frozen=True)
+class GroupChunk:
+    """Groups ``[first, last)`` and the rows that belong to them."""
+
+    first: int
+    last: int
+    rows: torch.Tensor  # [m] batch rows of these groups
+    local: torch.Tensor  # [m] each row's group, counted from ``first``
+    rank: torch.Tensor  # [m] each row's position inside its group
+    width: int  # largest group of the chunk: the padded block width
+
+    def pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[m, x]`` row values -> the zero-padded block ``[last - first, width, x]``."""
+        block = rows.new_zeros(self.last - self.first, self.width, rows.shape[-1])
+        return block.index_put_((self.local, self.rank), rows)
+
+    def dots(self, candidates: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``[m, P]``: each row's query ``queries [B, x]`` against its group's ``candidates [g, P, x]``."""
+        return torch.bmm(self.pack(queries[self.rows]), candidates.transpose(1, 2))[self.local, self.rank]
+
+    def dots_backward(
+        self, grad: torch.Tensor, candidates: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of :meth:`dots` for ``grad [m, P]``: ``([g, P, x], [m, x])``."""
+        padded = self.pack(grad)  # [g, width, P]
+        grad_candidates = torch.bmm(padded.transpose(1, 2), self.pack(queries[self.rows]))
+        grad_queries = torch.bmm(padded, candidates)[self.local, self.rank]
+        return grad_candidates, grad_queries
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Rows ``[B]`` in ``num_groups`` groups (group ids ordered by group size), cut into chunks."""
+
+    group: torch.Tensor  # [B] each row's group
+    num_groups: int
+    chunks: tuple[GroupChunk, ...]
+
+    @classmethod
+    def build(cls, group: torch.Tensor, num_groups: int, groups_per_chunk: int) -> RowGroups:
+        """``group [B]`` with ids in ``[0, num_groups)`` numbered so that sizes do not decrease."""
+        sizes = torch.bincount(group, minlength=num_groups)  # [G]
+        order = torch.argsort(group, stable=True)  # rows sorted by group
+        starts = torch.cumsum(sizes, 0) - sizes
+        rank = torch.arange(len(group), device=group.device) - starts[group[order]]
+        chunks, bounds = [], starts.tolist() + [len(group)]
+        size_list = sizes.tolist()
+        for first in range(0, num_groups, max(1, groups_per_chunk)):
+            last = min(num_groups, first + groups_per_chunk)
+            span = slice(bounds[first], bounds[last])
+            rows = order[span]
+            chunks.append(GroupChunk(first, last, rows, group[rows] - first, rank[span], max(size_list[first:last])))
+        return cls(group, num_groups, tuple(chunks))
+
+    @classmethod
+    def single(cls, batch: int, device: torch.device | str) -> RowGroups:
+        """Every row in one group (relation-free representations)."""
+        return cls.build(torch.zeros(batch, dtype=torch.long, device=device), 1, 1)
+
+
+def relation_groups(relations: torch.Tensor, groups_per_chunk: int) -> tuple[torch.Tensor, RowGroups]:
+    """Distinct relations ``[G]`` of a batch's relation column ``[B]`` (ordered by how many rows
+    use them) and the rows grouped by them."""
+    distinct, group = torch.unique(relations, return_inverse=True)
+    order = torch.argsort(torch.bincount(group, minlength=len(distinct)), stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    return distinct[order], RowGroups.build(rank[group], len(distinct), groups_per_chunk)
+
+
+def grouped_cosine(
+    candidates: torch.Tensor, queries: torch.Tensor, groups: RowGroups, form: CosineForm = CosineForm()
+) -> torch.Tensor:
+    """Eq. 8 ``[B, P]``: cosine of ``queries [B, x]`` to the candidates ``[G, P, x]`` of each row's group.
+
+    Plain autograd; ``G = 1`` compares every row with the same candidates.
+    """
+    if candidates.shape[0] == 1:
+        dots = queries @ candidates[0].T
+        norms = torch.linalg.vector_norm(candidates[0], dim=-1).unsqueeze(0)
+    else:
+        blocks = candidates.split([chunk.last - chunk.first for chunk in groups.chunks])  # one backward node, no zero-filled slices
+        parts = [chunk.dots(block, queries) for chunk, block in zip(groups.chunks, blocks)]
+        rows = torch.cat([chunk.rows for chunk in groups.chunks])
+        dots = torch.cat(parts)[torch.argsort(rows)]
+        norms = torch.linalg.vector_norm(candidates, dim=-1)[groups.group]
+    scale = torch.linalg.vector_norm(queries, dim=-1, keepdim=True) * norms
+    if not form.norm_gradient:
+        scale = scale.detach()
+    return dots / (scale + form.delta)
