@@ -19,6 +19,7 @@ from PIL import Image
 
 from fake_services import DEPICTION, THUMBNAIL, FakeServices, image_bytes
 from pipeline.crawl import CrawlConfig, Manifest, crawl
+from pipeline.errors import ConfigError
 from pipeline.media import image_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,6 +206,17 @@ def test_failed_items_are_kept_until_retry_failed(services, tmp_path):
     rows = image_rows(tmp_path / "m.sqlite")
     assert rows[0][0] == rows[1][0] == "done"
     assert services.hits[services.file_path("Ok.jpg")] == 1
+
+
+@pytest.mark.parametrize("language, valid", [("en", True), ("pt-BR", True), ('en") } #', False), ("", False)])
+def test_language_must_be_a_tag_since_it_goes_into_the_query(language, valid):
+    params = {**crawl_params({"dbpedia_sparql": "http://x/s", "wikidata_api": "http://x/w",
+                              "commons_file_path": "http://x/f/"}), "language": language}
+    if valid:
+        assert CrawlConfig.from_params(params).language == language
+    else:
+        with pytest.raises(ConfigError, match="crawl.language must be a language tag"):
+            CrawlConfig.from_params(params)
 
 
 def test_retry_after_above_cap_fails_without_waiting(services, tmp_path):

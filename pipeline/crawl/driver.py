@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
@@ -97,6 +98,8 @@ class CrawlConfig:
         for name in ("images_per_entity", "sparql_batch", "wikidata_batch"):
             if int(getattr(config, name)) < 1:
                 raise ConfigError(f"crawl.{name} must be >= 1, got {getattr(config, name)!r}")
+        if not re.fullmatch(r"[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*", str(config.language)):  # goes into a SPARQL query
+            raise ConfigError(f"crawl.language must be a language tag such as en or pt-BR, got {config.language!r}")
         return config
 
 
