@@ -133,6 +133,19 @@ def test_wikidata_reply_of_wrong_shape_is_failed_not_missing(services, tmp_path,
         assert rows[0] == ("done", None)
 
 
+def test_only_wikidata_item_ids_are_asked_for(services, tmp_path):
+    entities = entities_table(["Item", "Property", "Injected"])
+    entities["wikidata"] = [WD + "Q1", WD + "P31", WD + "Q2|Q3"]
+    services.p18["Q1"] = ["One.jpg"]
+    crawl(entities, tmp_path / "m.sqlite", tmp_path / "images", config_for(services, ["wikidata-p18"]),
+          progress=False)
+    rows = lookups(tmp_path / "m.sqlite", "wikidata-p18")
+    assert rows[0] == ("done", None)
+    assert rows[1] == ("missing", f"not a Wikidata item URI: '{WD}P31'")
+    assert rows[2] == ("missing", f"not a Wikidata item URI: '{WD}Q2|Q3'")
+    assert [key for key in services.hits if key.startswith("wikidata:")] == ["wikidata:Q1"]
+
+
 def test_one_round_survives_every_transport_and_decoder_fault(services, tmp_path):
     """A body failing content decoding, a redirect to an invalid IDNA host name, decoder
     bugs: each item fails with its reason; every other item of the same round is recorded

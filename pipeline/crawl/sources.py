@@ -320,8 +320,8 @@ class WikidataImages:
     def lookup(self, batch: list[EntityRef]) -> LookupResult:
         linked, result = _split_linked(batch, "wikidata", "Wikidata")
         ids = {entity.id: wikidata_id(entity.wikidata) for entity in linked}
-        result.outcomes.extend((e.id, "failed", f"not a Wikidata item URI: {e.wikidata!r}") for e in linked
-                               if ids[e.id] is None)
+        result.outcomes.extend((e.id, "missing", f"not a Wikidata item URI: {e.wikidata!r}") for e in linked
+                               if ids[e.id] is None)  # the data's own value: no retry would help
         linked = [entity for entity in linked if ids[entity.id]]
         if not linked:
             return result
