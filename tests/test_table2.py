@@ -111,3 +111,25 @@ def test_commands_queue_recipe_and_report(tmp_path):
     assert "3 of 30 Table 2 runs found" in result.output
     assert (tmp_path / "reports" / "table2.md").read_text().count("missing") > 20
     assert (tmp_path / "reports" / "table2.csv").read_text().startswith("model,sampler,mkg-w_mrr,")
+
+
+def test_dvc_parses_every_cells_overrides_into_params(tmp_path):
+    """The `-S` arguments go through DVC's own override parser (what `dvc exp run` applies)."""
+    import shutil
+
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    from tests.conftest import REPO
+
+    # every sampler and loss choice, margin 6, validation every 500, a dashed model name (0.5 s per cell)
+    for cell in table2.grid(["mkg-w"], ["TransE"]) + table2.grid(["db15k"], ["DistMult", "GC-OTE"]):
+        params = tmp_path / f"{table2.experiment_name(cell)}.yaml"
+        shutil.copy(REPO / "params.yaml", params)
+        apply_overrides(params, table2.override_arguments(cell)[1::2])
+        applied = yaml.safe_load(params.read_text())
+        for key, value in table2.overrides(cell).items():
+            node = applied
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (cell, key)
