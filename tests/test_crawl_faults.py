@@ -106,7 +106,7 @@ WIKIDATA_CASES = {  # name -> (entities object or whole reply, status of Q2, rea
     "API error quoting a lone surrogate": ({"error": {"code": "x", "info": "bad id Q\udfff"}}, "failed",
                                            "bad id Q\\udfff"),
     "record a string": ({"entities": {"Q2": "Q2"}}, "failed", "entities.Q2: expected an object, got str"),
-    "record absent": ({"entities": {}}, "failed", "entities.Q2: expected an object, got NoneType"),
+    "record absent": ({"entities": {}}, "failed", "no entities.Q2 in the reply"),
     "P18 an object": ({"entities": {"Q2": {"claims": {"P18": {}}}}}, "failed", "claims.P18: expected a list"),
     "value a number": ({"entities": {"Q2": {"claims": {"P18": [claim(3)]}}}}, "failed", "expected a string, got int"),
     "lone surrogate": ({"entities": {"Q2": {"claims": {"P18": [claim("a\udc80.jpg")]}}}}, "failed", "lone surrogate"),

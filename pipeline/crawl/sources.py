@@ -337,8 +337,10 @@ class WikidataImages:
         for entity in linked:
             qid = ids[entity.id]
             try:
-                record = _object(entities.get(qid, redirected.get(qid)),
-                                 f"malformed Wikidata JSON from {self.api}: entities.{qid}")
+                record = entities.get(qid, redirected.get(qid))
+                if record is None:
+                    raise FetchError(f"malformed Wikidata JSON from {self.api}: no entities.{qid} in the reply")
+                record = _object(record, f"malformed Wikidata JSON from {self.api}: entities.{qid}")
                 if "missing" in record:
                     result.outcomes.append((entity.id, "missing", f"Wikidata has no entity {qid}"))
                     continue
