@@ -287,7 +287,9 @@ def fit(
     session_start = time.perf_counter()
     wall_before = state.wall_seconds
     finished = state.stopped_early or state.step >= settings.steps
-    bar = tqdm(total=stop_horizon(state, settings), initial=state.step, desc="train", unit="step", disable=not progress or finished)
+    # smoothing=0: the rate (hence the ETA) is the run's average, validation pauses included
+    bar = tqdm(total=stop_horizon(state, settings), initial=state.step, desc="train", unit="step", smoothing=0,
+               disable=not progress or finished)
     while not finished:
         step_start = time.perf_counter()
         positives = train[batches.next().to(device)]
@@ -327,7 +329,7 @@ def fit(
             state.wall_seconds = wall_before + time.perf_counter() - session_start
             save(last_path, full=True)
             bar.total = stop_horizon(state, settings)  # "max N" in the postfix when early stopping bounds it
-            bar.set_postfix(loss=f"{row['loss']:.4f}", valid_mrr=f"{metrics['mrr']:.4f}", max=settings.steps)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", valid_mrr=f"{metrics['mrr']:.4f}", max=str(settings.steps))
     bar.close()
     return TrainingResult(
         step=state.step,
