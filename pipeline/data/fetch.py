@@ -78,7 +78,7 @@ def fetch_files(
     Returns file name -> local path. Raises on the first problem."""
     paths: dict[str, Path] = {}
     with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-        for source in tqdm(manifest.files.values(), desc=f"fetch {manifest.name}", unit="file", leave=False):
+        for source in tqdm(manifest.files.values(), desc=f"fetch {manifest.name}", unit="file"):
             if mirror is not None:
                 local = mirror / manifest.mirror_dir / source.name
                 if not local.is_file():
