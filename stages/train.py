@@ -8,6 +8,7 @@ resumed; a different configuration starts fresh.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -72,6 +73,11 @@ def check_sampler_section(section: dict[str, Any]) -> dict[str, Any]:
     options = section.get(str(section["name"]).lower()) or {}
     if not isinstance(options, dict):
         raise ConfigError(f"sampler.{section['name']} must be a mapping of options, got {options!r}")
+    sampler_class = SAMPLERS.get(section["name"])
+    if not hasattr(sampler_class, "from_params"):  # options are constructor keywords (model-aware samplers check their own)
+        parameters = inspect.signature(sampler_class).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            check_keys(f"sampler.{str(section['name']).lower()}", options, [name for name in parameters if name not in ("graph", "num_negatives", "seed")])
     return section
 
 

@@ -61,6 +61,14 @@ def test_section_values_name_key_and_value():
         convert_section("extract_text", {"batch_size": 8}, converters)
 
 
+def test_unknown_sampler_option_names_the_closest():
+    from stages.train import check_sampler_section
+
+    with pytest.raises(ConfigError, match=r"unknown key 'sampler.uniform.exclude_positive'; did you mean 'sampler.uniform.exclude_positives'\?"):
+        check_sampler_section({"name": "uniform", "seed": 1, "uniform": {"exclude_positive": True}})
+    check_sampler_section({"name": "uniform", "seed": 1, "uniform": {"exclude_positives": True}})
+
+
 def test_every_section_of_the_committed_params_is_accepted():
     """The repository's params.yaml passes every stage's key check."""
     from stages.evaluate import check_evaluate_section
@@ -70,7 +78,9 @@ def test_every_section_of_the_committed_params_is_accepted():
 
     params = load_params(REPO / "params.yaml")
     check_train_section(params["train"])
-    check_sampler_section(params["sampler"])
+    for name in params["sampler"]:
+        if isinstance(params["sampler"][name], dict):  # every sampler's committed options, as if selected
+            check_sampler_section({**params["sampler"], "name": name})
     check_evaluate_section(params["evaluate"])
     text_settings(params["extract_text"])
     visual_settings(params["extract_visual"])
