@@ -53,7 +53,8 @@ def test_exact_neighbourhoods_are_the_k_hop_sets(hops):
 @pytest.mark.parametrize("variant", ["exact", "random_walk"])
 def test_structure_aware_negatives_lie_within_k_hops(variant):
     graph = random_graph(seed=1)
-    sampler = build_sampler("sans", {"variant": variant, "hops": 2, "structure_fraction": 1.0}, graph, None, 8, seed=3)
+    options = {"variant": variant, "hops": 2, "structure_fraction": 1.0, "exclude_positives": False}  # filtering: below
+    sampler = build_sampler("sans", options, graph, None, 8, seed=3)
     positives = graph.train.repeat(20, 1)
     negatives = sampler.sample(positives, None, 0)
     kept = torch.where(negatives.corrupt_head, positives[:, 2], positives[:, 0])
@@ -102,7 +103,7 @@ def test_random_walk_draws_follow_visit_counts():
 
 def test_mixing_with_uniform_and_isolated_entities():
     graph = random_graph(seed=4, num_entities=200, num_triples=60)  # many isolated entities
-    sampler = SANSSampler(graph, 10, seed=0, hops=1, structure_fraction=0.3)
+    sampler = SANSSampler(graph, 10, seed=0, hops=1, structure_fraction=0.3, exclude_positives=False)
     assert sampler.structural == 3
     positives = graph.train.repeat(50, 1)
     negatives = sampler.sample(positives, None, 0)
@@ -142,3 +143,15 @@ def test_exclude_positives_and_state():
 def test_options_are_checked(options, message):
     with pytest.raises(ConfigError, match=message):
         build_sampler("sans", options, random_graph(), None, 4, seed=0)
+
+
+def test_a_neighbourhood_of_known_answers_only_falls_back_to_uniform():
+    # leaf 1's 2-hop set is {0, 2, 3}; (1, 0, ?) knows 0, 2 and 3 as answers (0 -> 2, 0 -> 3 via relation 1)
+    train = torch.tensor([[1, 0, 0], [1, 0, 2], [1, 0, 3], [0, 1, 2], [0, 1, 3], [4, 1, 5], [5, 1, 6], [6, 1, 7]])
+    graph = KnowledgeGraph(8, 2, train, train[:1], train[:1])
+    sampler = SANSSampler(graph, 5, seed=0, structure_fraction=1.0)
+    assert set(sampler.neighbourhood(1).tolist()) == {0, 2, 3}
+    positives = torch.tensor([[1, 0, 0]]).repeat(50, 1)
+    negatives = sampler.sample(positives, None, 0)
+    tails = negatives.ids[~negatives.corrupt_head]
+    assert len(tails) and set(tails.unique().tolist()) <= {1, 4, 5, 6, 7}  # uniform fallback, never a known answer

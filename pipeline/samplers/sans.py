@@ -22,7 +22,9 @@ structure-aware, the rest uniform over all entities (diversity; the neighbourhoo
 low-degree entity is small). A kept entity with an empty neighbourhood (isolated in TRAIN)
 gets uniform negatives only. ``exclude_positives`` (default true) redraws negatives that form
 a known TRAIN triple from the same distribution: the true tail of ``(h, r, t)`` is always in
-``N_1(h)``, and the RotatE code base SANS builds on filters known triples.
+``N_1(h)``, and the RotatE code base SANS builds on filters known triples. A neighbourhood
+holding only known answers (a hub's leaf) would never yield one: after
+``STRUCTURE_REDRAW_ROUNDS`` rounds such draws are redrawn uniformly.
 The neighbourhoods are rebuilt from the graph (buffers, not checkpointed); the sampler's
 state is its random generator.
 """
@@ -40,6 +42,8 @@ from pipeline.samplers.known_positives import KnownPositives
 from pipeline.samplers.uniform import MAX_REDRAW_ROUNDS
 
 VARIANTS = ("exact", "random_walk")
+#: Redraw rounds from the neighbourhood before a still-known structure-aware draw is redrawn uniformly.
+STRUCTURE_REDRAW_ROUNDS = 10
 
 
 def undirected_csr(train: torch.Tensor, num_entities: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,9 +168,10 @@ class SANSSampler(NegativeSampler):
         structural = (torch.arange(self.num_negatives, device=device) < self.structural).expand(batch, -1)
         ids = self.draw(kept.flatten(), structural.flatten()).view(batch, self.num_negatives)
         if self.known is not None:
-            for _ in range(MAX_REDRAW_ROUNDS):
+            for round_ in range(MAX_REDRAW_ROUNDS):
                 known = self.known.corruptions_known(positives, ids, corrupt_head)
                 if not known.any():
                     break
-                ids[known] = self.draw(kept[known], structural[known])
+                # a neighbourhood may hold nothing but known answers: after a few rounds, redraw uniformly
+                ids[known] = self.draw(kept[known], structural[known] & (round_ < STRUCTURE_REDRAW_ROUNDS))
         return Negatives(ids=ids, corrupt_head=corrupt_head)
