@@ -2,8 +2,8 @@
 
 Setting: the MKG-W graph (``data/mkg-w`` when the download stage has run, else random
 triples of its sizes: |E| = 15000, |R| = 169, 34196 train triples; ``--random-graph``
-forces these), text features [E, 4, 384], image features [E, 24, 383] (float32, random
-unless cache directories are given), TransE d = 200, batch 400, n = 20, pre-sample 1500,
+forces these), text features [E, 4, 384], image features [E, 24, 383] (float16 as the
+extract stages store them, random unless cache directories are given), TransE d = 200, batch 400, n = 20, pre-sample 1500,
 eps0 10, beta 0.01 (the script's), the self-adversarial negative-sampling loss, one Adam
 with two parameter groups (:func:`pipeline.training.build_optimizer`). A step is sample +
 KGC loss + auxiliary loss + backward + Adam. Configurations:
@@ -60,14 +60,19 @@ PROFILED_STEPS = 3
 def features(
     cache: str | None, shape: tuple[int, int], entities: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A feature cache as tensors, or random features (an eighth of the entities missing)."""
+    """A feature cache as tensors in its stored dtype, or random float16 features (the extract stages'
+    default storage; an eighth of the entities missing)."""
     if cache:
         from pipeline.features import load_features
 
         loaded = load_features(cache)
-        return torch.from_numpy(loaded.values[:]).float(), torch.from_numpy(loaded.mask.copy())
+        return torch.from_numpy(loaded.values[:]), torch.from_numpy(loaded.mask.copy())
     mask = torch.rand(entities, generator=generator) > 0.125
-    return torch.randn(entities, *shape, generator=generator).mul_(mask.view(-1, 1, 1)), mask
+    values = torch.empty(entities, *shape, dtype=torch.float16)
+    for start in range(0, entities, 1000):  # float32 in slices: never the whole table at float32
+        part = slice(start, start + 1000)
+        values[part] = torch.randn(len(values[part]), *shape, generator=generator).mul_(mask[part].view(-1, 1, 1))
+    return values, mask
 
 
 def benchmark_graph(data: str | None, generator: torch.Generator) -> KnowledgeGraph:

@@ -40,12 +40,17 @@ it) and what makes per-relation evaluation over a 1500-entity pre-sample cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.samplers.mmrns.groups import CosineForm, RowGroups
+
 LEAKY_SLOPE = 0.1
+#: Coefficients ``[n, G, K J]`` per chunk of entities in :func:`gated_cosine` (about 1 MB: in cache).
+GATED_CHUNK_ELEMENTS = 2**18
 
 
 @dataclass(frozen=True)
@@ -126,27 +131,14 @@ class CrossModalAttention(nn.Module):
         scaled = coefficients * torch.rsqrt(variance + self.norm.eps).unsqueeze(-1)
         return torch.einsum("rnkj,njko->rno", scaled, factors.normalised)
 
-    def _attend_gated(self, factors: TokenFactors, cross: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """:meth:`_attend` for every entity under every relation, ``C[r, n] = cross[n] ⊙ gate[r]``.
-
-        ``cross [N, K, J]`` (slot-major M), ``gate [R, K, J]`` -> ``[R, N, a]``. Same value as
-        ``_attend(factors, cross[None] * gate[:, None], output, True)``, reorganised so that the only
-        ``[N, R, K, J]`` tensor is the final coefficient: the variance is a GEMM of per-entity
-        ``Q[n, k, j, l] = M_kj M_kl S_jl`` with per-relation ``g_kj g_kl``, and the gate
-        multiplies per-entity ``V[n, k, j] = M_kj U_jk``.
-        """
+    def _gated_inputs(self, factors: TokenFactors, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-entity inputs of the relation-gated branch for ``cross [N, K, J]`` (slot-major M):
+        ``Q [N, K, J, J]`` with ``Q_kjl = M_kj M_kl S_jl`` (the LayerNorm variance is ``g_k^T Q_k g_k``)
+        and ``V [N, K J, a]`` with ``V_kj = M_kj U_jk`` (the output is ``sum_kj g_kj / sqrt(var_k) V_kj``)."""
         entities, slots, tokens = cross.shape
-        gate = gate.contiguous()
         quadratic = cross.unsqueeze(-1) * cross.unsqueeze(-2) * factors.gram.unsqueeze(1)  # [N, K, J, J]
-        gate_pairs = gate.unsqueeze(-1) * gate.unsqueeze(-2)  # [R, K, J, J]
-        variance = torch.bmm(
-            quadratic.view(entities, slots, -1).transpose(0, 1), gate_pairs.view(len(gate), slots, -1).permute(1, 2, 0)
-        )  # [K, N, R]
-        inverse = torch.rsqrt(variance.clamp_min(0) + self.norm.eps).permute(1, 2, 0)  # [N, R, K]
-        weighted = cross.unsqueeze(-1) * factors.normalised.transpose(1, 2)  # [N, K, J, a] V
-        coefficients = inverse.unsqueeze(-1) * gate.unsqueeze(0)  # [N, R, K, J]
-        out = torch.bmm(coefficients.reshape(entities, len(gate), -1), weighted.reshape(entities, slots * tokens, -1))
-        return out.transpose(0, 1)  # [R, N, a]
+        weighted = (cross.unsqueeze(-1) * factors.normalised.transpose(1, 2)).reshape(entities, slots * tokens, -1)
+        return quadratic, weighted
 
     def _constant(self, output: nn.Linear, normalised_branches: int) -> torch.Tensor:
         """``bias + normalised_branches * sum_k W_k β`` ``[a]``."""
@@ -159,6 +151,31 @@ class CrossModalAttention(nn.Module):
             return None
         shape = (-1, self.image_tokens, self.text_tokens)
         return torch.sigmoid(self.visual_gate(relations)).view(shape), torch.sigmoid(self.text_gate(relations)).view(shape)
+
+    def candidate_cosine(
+        self,
+        encoded: Encoded,
+        gates: tuple[torch.Tensor, torch.Tensor],
+        queries: tuple[torch.Tensor | None, torch.Tensor | None],
+        groups: RowGroups,
+        form: CosineForm,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Eq. 8 ``[B, N]`` for image and text: every candidate of ``encoded`` (``N``) under the
+        relation of each row's group (``gates`` ``[G, Ti, Tt]`` each) against the row's own
+        representation (``queries``: ``[B, a]`` or None for a modality switched off)."""
+        cross = encoded.cross  # [N, Ti, Tt]
+        outputs = []
+        for query, factors, output, slot_cross, slot_gate in (
+            (queries[0], encoded.visual, self.visual_output, cross.transpose(1, 2), gates[0].transpose(-1, -2)),
+            (queries[1], encoded.text, self.text_output, cross, gates[1]),
+        ):
+            if query is None:
+                outputs.append(None)
+                continue
+            base = self._attend(factors, slot_cross.softmax(-1).unsqueeze(0), output, True)[0] + self._constant(output, 2)
+            quadratic, weighted = self._gated_inputs(factors, slot_cross)
+            outputs.append(gated_cosine(quadratic, weighted, slot_gate, base, query, groups.group, form, self.norm.eps))
+        return outputs[0], outputs[1]
 
     def forward(
         self,
@@ -173,7 +190,8 @@ class CrossModalAttention(nn.Module):
         """Eq. 6 visual and textual representations.
 
         ``gates`` from :meth:`gates`. ``paired=False``: every entity under every relation,
-        outputs ``[R, N, a]`` (``R = 1`` without gates). ``paired=True``: entity ``i`` under
+        outputs ``[R, N, a]`` (``R = 1`` without gates; with gates :meth:`candidate_cosine`
+        compares them without building them). ``paired=True``: entity ``i`` under
         relation ``i`` (gates ``[N, Ti, Tt]``), outputs ``[N, a]``. ``normalise_visual_plain=False``
         skips the LayerNorm of the text-guided visual branch (1), as the released script does on
         the positive's path. A modality switched off returns None.
@@ -194,10 +212,94 @@ class CrossModalAttention(nn.Module):
                 continue
             plain = slot_cross.softmax(-1)  # branch 1 (softmax over Ti) / branch 4 (over Tt)
             relation_free = self._attend(factors, plain.unsqueeze(0), output, normalise_plain)[0]  # [N, a]
-            if paired or gates is None:
-                guided = self._attend(factors, slot_cross.unsqueeze(0) * expand(slot_gate), output, True)
-            else:  # every candidate under every relation of the batch
-                guided = self._attend_gated(factors, slot_cross, slot_gate)  # [R, N, a]
+            guided = self._attend(factors, slot_cross.unsqueeze(0) * expand(slot_gate), output, True)
             value = relation_free + guided + self._constant(output, 1 + int(normalise_plain))
             outputs.append(value[0] if paired else value)
         return outputs[0], outputs[1]
+
+
+def gated_cosine(
+    quadratic: torch.Tensor, weighted: torch.Tensor, gate: torch.Tensor, base: torch.Tensor, queries: torch.Tensor,
+    group: torch.Tensor, form: CosineForm, eps: float,
+) -> torch.Tensor:
+    """``[B, N]``: cosine of ``queries [B, a]`` to ``x_gn = base_n + sum_kj g_gkj / sqrt(g_gk^T Q_nk g_gk + ϵ) V_nkj``
+    (``quadratic Q [N, K, J, J]``, ``weighted V [N, K J, a]``, ``gate [G, K, J]``, ``base [N, a]``),
+    ``g = group[b]`` the row's relation group. Fused, chunked over the entities: every
+    intermediate of a chunk (``[n, G, K J]`` coefficients, ``[n, G, a]`` outputs) stays in cache."""
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in (quadratic, weighted, gate, base, queries))
+    return _GatedAttentionCosine.apply(quadratic, weighted, gate, base, queries, group, form, eps, keep)
+
+
+class _GatedAttentionCosine(torch.autograd.Function):
+    """Forward and backward of :func:`gated_cosine`, a chunk of entities at a time; keeps the
+    inverse standard deviations ``[N, G, K]`` and the outputs ``x [N, G, a]`` for backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, quadratic: torch.Tensor, weighted: torch.Tensor, gate: torch.Tensor, base: torch.Tensor,
+        queries: torch.Tensor, group: torch.Tensor, form: CosineForm, eps: float, keep: bool,
+    ) -> torch.Tensor:
+        entities, slots, tokens, _ = quadratic.shape
+        flat = quadratic.reshape(entities, slots, tokens * tokens)  # [N, K, J J]
+        pairs = (gate.unsqueeze(-1) * gate.unsqueeze(-2)).flatten(2).permute(1, 2, 0).contiguous()  # [K, J J, G]
+        query_norms = torch.linalg.vector_norm(queries, dim=-1)  # [B]
+        sim = queries.new_empty(len(queries), entities)
+        inverses, outputs = [], []
+        for part in _entity_chunks(entities, gate):
+            inverse = torch.rsqrt(torch.bmm(flat[part].transpose(0, 1), pairs).clamp_min_(0).add_(eps)).permute(1, 2, 0)  # [n, G, K]
+            coefficients = (inverse.unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
+            output = torch.baddbmm(base[part].unsqueeze(1), coefficients, weighted[part])  # [n, G, a]
+            rows = output[:, group]  # [n, B, a]
+            norms = torch.linalg.vector_norm(output, dim=-1)[:, group]  # [n, B]
+            sim[:, part] = ((rows * queries).sum(-1) / (norms * query_norms + form.delta)).T
+            if keep:
+                inverses.append(inverse)
+                outputs.append(output)
+        ctx.form, ctx.chunks = form, (inverses, outputs)
+        ctx.save_for_backward(flat, weighted, gate, pairs, queries, group, query_norms, sim)
+        return sim
+
+    @staticmethod
+    def backward(ctx: Any, grad_sim: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weighted, gate, pairs, queries, group, query_norms, sim = ctx.saved_tensors
+        form: CosineForm = ctx.form
+        entities, slots, _ = flat.shape
+        grad_flat, grad_weighted = torch.empty_like(flat), torch.empty_like(weighted)
+        grad_gate, grad_pairs = torch.zeros_like(gate), torch.zeros_like(pairs)  # [G, K, J], [K, J J, G]
+        grad_base = queries.new_empty(entities, queries.shape[1])
+        grad_queries, grad_query_norms = torch.zeros_like(queries), torch.zeros_like(query_norms)
+        for part, inverse, output in zip(_entity_chunks(entities, gate), *ctx.chunks):
+            rows_grad = grad_sim[:, part].T  # [n, B]
+            norms_all = torch.linalg.vector_norm(output, dim=-1)  # [n, G]
+            norms = norms_all[:, group]
+            denominator = norms * query_norms + form.delta
+            grad_dots = rows_grad / denominator
+            grad_denominator = -rows_grad * sim[:, part].T / denominator * float(form.norm_gradient)
+            grad_query_norms += (grad_denominator * norms).sum(0)
+            rows = output[:, group]  # [n, B, a]
+            grad_queries += (rows * grad_dots.unsqueeze(-1)).sum(0)
+            grad_output = torch.zeros_like(output).index_add_(1, group, grad_dots.unsqueeze(-1) * queries)  # [n, G, a]
+            grad_norms = torch.zeros_like(norms_all).index_add_(1, group, grad_denominator * query_norms)
+            scale = torch.where(norms_all > 0, grad_norms / norms_all.clamp_min(torch.finfo(norms_all.dtype).tiny), 0)
+            grad_output.addcmul_(output, scale.unsqueeze(-1))
+            grad_base[part] = grad_output.sum(1)
+            coefficients = (inverse.unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
+            torch.bmm(coefficients.transpose(1, 2), grad_output, out=grad_weighted[part])
+            grad_coefficients = torch.bmm(grad_output, weighted[part].transpose(1, 2)).view(*inverse.shape, -1)  # [n, G, K, J]
+            grad_gate += (grad_coefficients * inverse.unsqueeze(-1)).sum(0)
+            grad_variance = (grad_coefficients * gate).sum(-1).mul_(inverse.pow(3)).mul_(-0.5)  # d (v + ϵ)^-1/2 / dv
+            by_slot = grad_variance.permute(2, 0, 1)  # [K, n, G]; v > 0 (a Schur product of PSD forms), clamp inactive
+            grad_flat[part] = torch.bmm(by_slot, pairs.transpose(1, 2)).transpose(0, 1)
+            grad_pairs.baddbmm_(flat[part].transpose(0, 1).transpose(1, 2), by_slot)
+        square = grad_pairs.permute(2, 0, 1).unflatten(-1, (gate.shape[-1], gate.shape[-1]))  # [G, K, J, J]
+        grad_gate += ((square + square.transpose(-1, -2)) * gate.unsqueeze(-2)).sum(-1)
+        query_scale = torch.where(query_norms > 0, grad_query_norms / query_norms.clamp_min(torch.finfo(query_norms.dtype).tiny), 0)
+        grad_queries.addcmul_(queries, query_scale.unsqueeze(1))
+        ctx.chunks = None
+        return grad_flat.view(entities, slots, gate.shape[-1], -1), grad_weighted, grad_gate, grad_base, grad_queries, None, None, None, None
+
+
+def _entity_chunks(entities: int, gate: torch.Tensor) -> list[slice]:
+    """Slices of the entities with about ``GATED_CHUNK_ELEMENTS`` coefficients ``[n, G, K J]`` each."""
+    size = max(1, GATED_CHUNK_ELEMENTS // max(1, gate[0].numel() * len(gate)))
+    return [slice(first, min(entities, first + size)) for first in range(0, entities, size)]

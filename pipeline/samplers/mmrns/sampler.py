@@ -313,44 +313,59 @@ class MMRNSSampler(NegativeSampler):
                 result["structure"] = (sim, torch.ones_like(sim, dtype=torch.bool))
         wanted = {m: m in self.modalities for m in ("text", "image")}
         if any(wanted.values()):
-            candidate_image, candidate_text, own_image, own_text = self._multimodal(candidates, own, gates_for, row_relations, **wanted)
-            with record_function("mmrns.multimodal_cosine"):
-                for modality, mask, cand, mine in (
-                    ("text", self.text_mask, candidate_text, own_text),
-                    ("image", self.visual_mask, candidate_image, own_image),
-                ):
-                    if cand is not None:
-                        valid = mask[own].unsqueeze(1) & mask[candidates].unsqueeze(0)  # [B, P]
-                        result[modality] = (grouped_cosine(cand, mine, groups, self.cosine_form), valid)
+            sims = self._multimodal(candidates, own, gates_for, row_relations, groups, **wanted)
+            for modality, mask in (("text", self.text_mask), ("image", self.visual_mask)):
+                if sims[modality] is not None:
+                    valid = mask[own].unsqueeze(1) & mask[candidates].unsqueeze(0)  # [B, P]
+                    result[modality] = (sims[modality], valid)
         if self.score_similarity:
             scores = self._score_similarity(positives, candidates, corrupt_head, model)
             result["score"] = (scores, torch.ones_like(scores, dtype=torch.bool))
         return result
 
+    def _contrastive_rows_with_grad(
+        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel,
+        rows: torch.Tensor,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`similarities` of every row, differentiable only in ``rows [B]`` (bool)."""
+        with torch.no_grad():
+            result = self.similarities(positives, candidates, corrupt_head, model)
+        if torch.is_grad_enabled() and bool(rows.any()):
+            index = rows.nonzero().squeeze(1)
+            some = self.similarities(positives[index], candidates, corrupt_head[index], model)
+            result = {name: (sim.index_put((index,), some[name][0]), valid) for name, (sim, valid) in result.items()}
+        return result
+
     def _multimodal(
         self, candidates: torch.Tensor, own: torch.Tensor, relations: torch.Tensor | None, row_relations: torch.Tensor | None,
-        *, text: bool, image: bool,
-    ) -> tuple[torch.Tensor | None, ...]:
-        """(candidate image ``[G, P, a]``, candidate text, own image ``[B, a]``, own text); None where switched off."""
+        groups: RowGroups, *, text: bool, image: bool,
+    ) -> dict[str, torch.Tensor | None]:
+        """Eq. 8 ``[B, P]`` for ``image`` and ``text`` (None where switched off): KCA of the candidates
+        under each row's relation against KCA of the row's own entity under it."""
         entities = torch.cat([candidates, own])
         visual = self.visual_features[entities].float()  # [P + B, Ti, D_i]
         words = self.text_features[entities].float()  # [P + B, Tt, D_t]
         if self.kca is None:  # no_kca: one Linear of the token-averaged features, relation-free
-            pooled_image = self.visual_pooled(visual.mean(1)).split([len(candidates), len(own)]) if image else (None, None)
-            pooled_text = self.text_pooled(words.mean(1)).split([len(candidates), len(own)]) if text else (None, None)
-            unsqueeze = lambda x: None if x is None else x.unsqueeze(0)  # noqa: E731
-            return unsqueeze(pooled_image[0]), unsqueeze(pooled_text[0]), pooled_image[1], pooled_text[1]
+            result = {}
+            for name, wanted, layer, values in (("image", image, self.visual_pooled, visual), ("text", text, self.text_pooled, words)):
+                pooled_candidates, pooled_own = layer(values.mean(1)).split([len(candidates), len(own)]) if wanted else (None, None)
+                result[name] = None if pooled_own is None else grouped_cosine(pooled_candidates.unsqueeze(0), pooled_own, groups, self.cosine_form)
+            return result
         with record_function("mmrns.encode"):
             encoded_candidates, encoded_own = self.kca.encode(visual, words).split(len(candidates))
         with record_function("mmrns.gated"):
-            candidate_image, candidate_text = self.kca(
-                encoded_candidates, self.kca.gates(relations), paired=False, visual=image, text=text
-            )
             own_image, own_text = self.kca(
                 encoded_own, self.kca.gates(row_relations), paired=True, visual=image, text=text,
                 normalise_visual_plain=not self.faithful,
             )
-        return candidate_image, candidate_text, own_image, own_text
+            if relations is None:  # relation-free: [1, P, a] candidates
+                candidate_image, candidate_text = self.kca(encoded_candidates, None, paired=False, visual=image, text=text)
+                cosine = lambda cand, mine: None if mine is None else grouped_cosine(cand, mine, groups, self.cosine_form)  # noqa: E731
+                return {"image": cosine(candidate_image, own_image), "text": cosine(candidate_text, own_text)}
+            sim_image, sim_text = self.kca.candidate_cosine(
+                encoded_candidates, self.kca.gates(relations), (own_image, own_text), groups, self.cosine_form
+            )
+        return {"image": sim_image, "text": sim_text}
 
     @torch.no_grad()
     def _score_similarity(
@@ -398,7 +413,10 @@ class MMRNSSampler(NegativeSampler):
         own_entity = torch.where(corrupt_head, positives[:, 0], positives[:, 2])
         own = candidates.unsqueeze(0) == own_entity.unsqueeze(1)  # [B, P]
         known = self.known_positives.corruptions_known(positives, candidates.expand(batch, -1), corrupt_head) | own
-        similarities = self.similarities(positives, candidates, corrupt_head, model)
+        if straight_through or self.faithful:
+            similarities = self.similarities(positives, candidates, corrupt_head, model)
+        else:  # only rows with a contrastive positive give the sampler a gradient: the rest without autograd
+            similarities = self._contrastive_rows_with_grad(positives, candidates, corrupt_head, model, (known & ~own).any(1))
         with record_function("mmrns.draws"):
             log_p = self.log_probabilities(similarities, step) if similarities else torch.zeros(known.shape, device=device)
             logits = log_p + LOG_MASK * known  # eq. 13 before the noise
