@@ -570,3 +570,130 @@ def test_from_params_reads_feature_caches():
     assert "visual_features" not in sampler.state_dict()  # features are not checkpointed
     with pytest.raises(ConfigError):
         MMRNSSampler.from_params(graph, dict(params, eps=1.0), model, NEG, 0, text, None)
+
+
+# -- variants (sampler.mmrns keys beyond the paper) ------------------------------------------
+def sampler_grads(sampler):
+    return [None if p.grad is None else p.grad.clone() for p in sampler.parameters()]
+
+
+def test_kgc_gradient_maximise_reverses_the_sampler_gradient_and_spares_the_model():
+    graph = random_graph()
+    positives = graph.train[:16]
+    results = {}
+    for mode in ("minimise", "maximise"):
+        sampler, model = make(graph, kgc_gradient=mode), transe(graph)
+        negatives = sampler.sample(positives, model, step=2)
+        loss, _ = kgc_loss(model, positives, negatives)
+        loss.backward()  # the KGC loss only
+        results[mode] = (negatives.ids, sampler_grads(sampler), dense_grads([model]))
+        plain_model = transe(graph)
+        kgc_loss(plain_model, positives, type(negatives)(negatives.ids, negatives.corrupt_head))[0].backward()
+        results[mode + "-plain"] = dense_grads([plain_model])
+    assert torch.equal(results["minimise"][0], results["maximise"][0])  # same draws
+    reached = 0
+    for up, down in zip(results["maximise"][1], results["minimise"][1]):
+        if down is not None:
+            torch.testing.assert_close(up, -down, atol=1e-7, rtol=1e-5)
+            reached += int(down.abs().sum() > 0)
+    assert reached > 0
+    for mine, plain in zip(results["maximise"][2], results["maximise-plain"]):  # only the scoring path trains the model
+        torch.testing.assert_close(mine, plain)
+    assert any(not torch.allclose(a, b) for a, b in zip(results["minimise"][2], results["minimise-plain"]))
+
+
+def test_kgc_gradient_none_draws_by_gumbel_top_k_and_learns_from_the_contrastive_loss_only():
+    graph = random_graph(entities=40, triples=1500)
+    sampler, model = make(graph, kgc_gradient="none", presample_size=0.75), transe(graph)
+    known = {tuple(t) for t in graph.train.tolist()}
+    positives = graph.train[:20]
+    negatives = sampler.sample(positives, model, step=0)
+    assert negatives.representations is None and sampler._context.draws.soft is None
+    for (h, r, t), ids, head in zip(positives.tolist(), negatives.ids.tolist(), negatives.corrupt_head.tolist()):
+        assert len(set(ids)) == NEG and not any(((e, r, t) if head else (h, r, e)) in known for e in ids)
+    loss, scores = kgc_loss(model, positives, negatives)
+    auxiliary = sampler.auxiliary_loss(positives, negatives, scores, model)
+    loss.backward(retain_graph=True)
+    assert all(g is None or g.abs().sum() == 0 for g in sampler_grads(sampler))
+    auxiliary.backward()
+    assert any(g is not None and g.abs().sum() > 0 for g in sampler_grads(sampler))
+
+
+def test_rows_without_a_contrastive_positive_give_the_same_loss_and_gradients_without_autograd():
+    """Detached draws build autograd graphs only for rows with a contrastive positive: the
+    contrastive loss and its gradients equal a sampler that differentiates every row."""
+    graph = random_graph(entities=40, triples=600)
+    positives = graph.train[:24]
+    outcomes = []
+    for split in (True, False):
+        sampler, model = make(graph, kgc_gradient="none", presample_size=0.75), transe(graph)
+        for parameter in sampler.parameters():
+            torch.nn.init.normal_(parameter, std=0.2, generator=torch.Generator().manual_seed(1))
+        if not split:  # differentiate every row
+            sampler._contrastive_rows_with_grad = lambda p, c, h, m, rows: sampler.similarities(p, c, h, m)
+        negatives = sampler.sample(positives, model, step=1)
+        _, scores = kgc_loss(model, positives, negatives)
+        auxiliary = sampler.auxiliary_loss(positives, negatives, scores, model)
+        auxiliary.backward()
+        outcomes.append((negatives.ids, auxiliary.detach(), sampler_grads(sampler)))
+    assert torch.equal(outcomes[0][0], outcomes[1][0])
+    torch.testing.assert_close(outcomes[0][1], outcomes[1][1])
+    for a, b in zip(outcomes[0][2], outcomes[1][2]):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_uniform_mix_and_score_similarity_enter_eq_12():
+    graph = random_graph()
+    model = transe(graph)
+    g = torch.Generator().manual_seed(0)
+    sims = {m: (torch.rand(3, 6, generator=g) * 2 - 1, torch.ones(3, 6, dtype=torch.bool)) for m in ("structure", "text")}
+    plain = make(graph).log_probabilities(sims, 4).exp()
+    for mix in (0.25, 1.0):
+        mixed = make(graph, uniform_mix=mix).log_probabilities(sims, 4).exp()
+        torch.testing.assert_close(mixed, (1 - mix) * plain + mix / 6, atol=1e-6, rtol=1e-5)
+    sampler = make(graph, score_similarity=True)
+    positives, candidates = graph.train[:5], torch.arange(0, E, 4)
+    head = torch.ones(5, dtype=torch.bool)
+    score, valid = sampler.similarities(positives, candidates, head, model)["score"]
+    raw = model.score_negatives(positives, candidates.expand(5, -1), head).detach()
+    torch.testing.assert_close(score, (raw - raw.mean(1, keepdim=True)) / raw.std(1, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert bool(valid.all()) and not score.requires_grad
+    negatives = sampler.sample(positives, model, 1)
+    _, scores = kgc_loss(model, positives, negatives)
+    assert torch.isfinite(sampler.auxiliary_loss(positives, negatives, scores, model))  # the score is not a contrastive modality
+
+
+@pytest.mark.parametrize("temperature, weights", [(0.1, "paper"), (1.0, "script"), (0.5, "script")])
+def test_contrastive_temperature_and_script_weights(temperature, weights):
+    graph = random_graph(entities=40, triples=1500)
+    feats = features(40, missing=0.0)
+    options = dict(beta=0.5, presample_size=0.75, contrastive_temperature=temperature, contrastive_weights=weights)
+    sampler, model = make(graph, feats=feats, **options), transe(graph)
+    positives = graph.train[:20]
+    negatives = sampler.sample(positives, model, step=0)
+    _, scores = kgc_loss(model, positives, negatives)
+    ctx = sampler._context
+    loss = sampler.auxiliary_loss(positives, negatives, scores, model)
+    expected = torch.stack([
+        contrastive_by_hand(sim.detach(), ctx.known, ctx.own, ctx.draws.positions, scores.detach(), 0.5, 40, False,
+                            temperature, weights)
+        for sim, _ in ctx.similarities.values()
+    ]).mean()
+    torch.testing.assert_close(loss.detach(), 0.5 * expected)
+
+
+def test_warm_start_draws_uniformly_then_switches_to_mmrns():
+    graph = random_graph()
+    sampler, model = make(graph, warm_start=3), transe(graph)
+    positives = graph.train[:64]
+    for step in range(3):
+        negatives = sampler.sample(positives, model, step)
+        assert negatives.representations is None
+        assert 0 < int(negatives.corrupt_head.sum()) < 64  # head or tail per row, as Uniform
+        loss, scores = kgc_loss(model, positives, negatives)
+        assert sampler.auxiliary_loss(positives, negatives, scores, model) is None
+        loss.backward()
+        assert all(g is None for g in sampler_grads(sampler))
+    negatives = sampler.sample(positives, model, 3)
+    assert negatives.representations is not None and sampler.auxiliary_loss(positives, negatives, kgc_loss(model, positives, negatives)[1], model) is not None
