@@ -15,6 +15,7 @@ from stages import evaluate  # noqa: F401
 from stages import report  # noqa: F401  (table2, report)
 from stages import predict  # noqa: F401
 from stages import export  # noqa: F401
+from stages import inspection  # noqa: F401  (inspect)
 
 
 def main() -> None:
