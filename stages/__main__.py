@@ -16,6 +16,7 @@ from stages import report  # noqa: F401  (table2, report)
 from stages import predict  # noqa: F401
 from stages import export  # noqa: F401
 from stages import inspection  # noqa: F401  (inspect)
+from stages import figures  # noqa: F401  (figures-queue, figures)
 
 
 def main() -> None:

@@ -1,0 +1,134 @@
+"""Fig. 4/5/6: the grids and their queue commands (through DVC's own override parser), matching
+experiments of `dvc exp show --json` to points (held keys, seeds, newest per seed), and the
+`figures` command rendering valid PNGs from synthetic metrics with missing runs reported."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline import figures
+from pipeline.table2 import Cell
+from stages import app
+from stages import figures as _figures_commands  # noqa: F401  (registers the commands)
+from tests.conftest import REPO
+
+DEFAULTS = figures.defaults_from(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+def params_of(point: figures.Point, seed: int = 42, **changes) -> dict:
+    """The params.yaml of an experiment run for ``point`` (the committed file with its requirements applied)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in {**figures.requirements(point, DEFAULTS), "train.seed": seed, **changes}.items():
+        node, *path = params, *key.split(".")
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return params
+
+
+def experiment(name: str, params: dict, metrics: dict | None, timestamp: str) -> dict:
+    dataset = params["datasets"][0]
+    data = {"rev": f"{abs(hash(name)):040x}"[:40], "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
+            "metrics": {f"metrics/{dataset}/evaluate.json": {"data": metrics}} if metrics else {}}
+    return {"rev": data["rev"], "name": name, "data": data}
+
+
+def synthetic_show() -> list:
+    """DVC 3's nesting: workspace, then a commit with experiments (some queued, without metrics)."""
+    revs = []
+    # Fig. 5: eps0 curve complete, one point with two seeds; beta only at its default
+    for k, eps0 in enumerate(figures.FIG5_EPS0):
+        point = figures.Point("fig5", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.eps0", eps0)
+        revs.append(experiment(f"f5-a{k}", params_of(point), {"mrr": 0.30 - 0.01 * k, "hits@10": 0.45}, f"2026-01-0{k + 1}"))
+    eps3 = figures.Point("fig5", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.eps0", 3)
+    revs.append(experiment("f5-seed2", params_of(eps3, seed=2), {"mrr": 0.31, "hits@10": 0.47}, "2026-01-06"))
+    revs.append(experiment("f5-seed2-old", params_of(eps3, seed=2), {"mrr": 0.10, "hits@10": 0.10}, "2025-12-01"))  # older: ignored
+    # a variant run (kgc_gradient none) matches no point even though its eps0/beta/ablation are the paper's
+    full = figures.Point("fig6", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.ablation", "none")
+    revs.append(experiment("variant", params_of(full, **{"sampler.mmrns.kgc_gradient": "none"}), {"mrr": 0.99, "hits@10": 0.99}, "2026-02-01"))
+    for ablation, mrr in (("no_kca", 0.28), ("no_css", 0.27)):
+        point = figures.Point("fig6", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.ablation", ablation)
+        revs.append(experiment(f"f6-{ablation}", params_of(point), {"mrr": mrr, "hits@10": 0.40}, "2026-01-07"))
+    # Fig. 4: TransE + Uniform dims, one queued run (no metrics)
+    for dim in figures.FIG4_DIMS:
+        point = figures.Point("fig4", Cell("mkg-w", "TransE", "uniform"), "train.dim", dim)
+        revs.append(experiment(f"f4-{dim}", params_of(point), {"mrr": 0.25 + dim / 4000, "hits@10": 0.40} if dim != 400 else None, "2026-01-08"))
+    head = experiment("main", yaml.safe_load((REPO / "params.yaml").read_text()), None, "2026-01-01")
+    head["experiments"] = [{"name": r["name"], "revs": [r]} for r in revs]
+    return [head]
+
+
+def test_grids_share_configurations_and_dvc_parses_every_queued_override(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    assert len(figures.points("fig4")) == 2 * 7 * 8 and len(figures.points("fig5")) == 8 and len(figures.points("fig6")) == 8
+    runs = figures.unique_runs(figures.points("fig5") + figures.points("fig6"), DEFAULTS)
+    assert len(runs) == 14  # eps0 1 = beta 0.005 = the full MMRNS of Fig. 6 on MKG-W: one run
+    for name, values in runs[:3] + runs[-2:] + figures.unique_runs(figures.points("fig4", ["kbgan"], ["DistMult"]), DEFAULTS)[:2]:
+        arguments = figures.queue_arguments(name, values, 2, ["train.steps=500"])
+        assert arguments[:5] == ["exp", "run", "--queue", "--name", f"{name}-s2"]
+        params = tmp_path / f"{name}.yaml"
+        shutil.copy(REPO / "params.yaml", params)
+        apply_overrides(params, arguments[6::2])
+        applied = yaml.safe_load(params.read_text())
+        for key, value in {**values, "train.seed": 2, "sampler.seed": 2, "train.steps": 500}.items():
+            node = applied
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (name, key)
+
+
+def test_collect_matches_params_held_keys_and_seeds():
+    results = figures.collect(synthetic_show(), figures.points("fig5") + figures.points("fig6"), DEFAULTS)
+    eps = {p.value: r for p, r in results.items() if p.parameter == "sampler.mmrns.eps0"}
+    assert set(eps) == {1, 3, 5, 10}
+    assert eps[3].mean["mrr"] == pytest.approx(30.0) and eps[3].std["mrr"] == pytest.approx(1.414, abs=1e-3)  # seeds 42 (29) and 2 (31)
+    assert eps[3].experiments == ("f5-a1", "f5-seed2")
+    beta = {p.value: r for p, r in results.items() if p.parameter == "sampler.mmrns.beta"}
+    assert set(beta) == {0.005} and beta[0.005].mean["mrr"] == pytest.approx(30.0)  # the eps0 = 1 run is also the default beta
+    ablations = {(p.cell.dataset, p.value): r.mean["mrr"] for p, r in results.items() if p.figure == "fig6"}
+    assert ablations == {("mkg-w", "none"): pytest.approx(30.0), ("mkg-w", "no_kca"): pytest.approx(28.0), ("mkg-w", "no_css"): pytest.approx(27.0)}
+
+
+def test_figures_command_renders_valid_pngs_and_reports_missing_runs(tmp_path):
+    shown = tmp_path / "show.json"
+    shown.write_text(json.dumps(synthetic_show()))
+    out = tmp_path / "figures"
+    result = CliRunner().invoke(app, ["figures", "--experiments", str(shown), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fig5: 5 of 8 points found" in result.output and "fig6: 3 of 8 points found" in result.output
+    # Uniform dims 50/100/200 and lr 1e-3 (= dim 200), MMRNS dim 200 and lr 1e-3 (= Fig. 5's default run)
+    assert "fig4: 6 of 112 points found" in result.output
+    assert "fig6: missing 5: f6-mkg-w-transe-mmrns-no-rel, f6-mkg-y-transe-mmrns-none" in result.output
+    assert "f4-mkg-w-transe-uniform-dim400" in result.output and "figures-queue --figure fig4" in result.output
+    for name in ("fig4_transe.png", "fig4_distmult.png", "fig5.png", "fig6.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 800 and image.size[1] > 400
+            image.verify()
+    rows = list(csv.DictReader(io.StringIO((out / "figures.csv").read_text())))
+    assert len(rows) == 112 + 8 + 8
+    eps3 = next(r for r in rows if r["figure"] == "fig5" and r["parameter"] == "sampler.mmrns.eps0" and r["value"] == "3")
+    assert (eps3["mrr"], eps3["mrr_std"], eps3["seeds"]) == ("30.0", "1.41", "2")
+    assert next(r for r in rows if r["figure"] == "fig6" and r["value"] == "no_rel")["mrr"] == ""
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    bad = CliRunner().invoke(app, ["figures", "--experiments", str(shown), "--out", str(out), "--figure", "fig7"])
+    assert "--figure: unknown fig7; valid: fig4, fig5, fig6" in str(bad.exception)
+
+
+def test_queue_command_dry_run_prints_each_configuration_once():
+    result = CliRunner().invoke(app, ["figures-queue", "--figure", "fig5", "--figure", "fig6", "--dry-run", "--set", "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 14 and all(line.startswith("dvc exp run --queue --name f") and line.endswith("-S train.threads=1") for line in lines)
+    assert lines[0].startswith("dvc exp run --queue --name f5-mkg-w-transe-mmrns-eps0-1 -S 'datasets=[mkg-w]' -S train.model=TransE -S sampler.name=mmrns")
+    assert sum("sampler.mmrns.ablation=no_rel" in line for line in lines) == 2  # MKG-W and MKG-Y
+    seeded = CliRunner().invoke(app, ["figures-queue", "--figure", "fig6", "--dry-run", "--seeds", "3"])
+    assert len(seeded.output.splitlines()) == 24 and "--name f6-mkg-y-transe-mmrns-no-rel-s3 " in seeded.output
