@@ -160,7 +160,8 @@ def load_sampler(
     else:
         built.load_state_dict(state)
         if source != checkpoint_path:  # eps (eq. 15) follows the sampler's own step
-            provenance = f"{name}: state from {source} (step {other['step']}; the model's checkpoint is from step {step})"
+            at = f"step {other['step']}" + (f"; the model's checkpoint is from step {step}" if other["step"] != step else ", as the model")
+            provenance = f"{name}: state from {source} ({at})"
             step = int(other["step"])
         else:
             provenance = f"{name}: state from {source} (step {step})"
