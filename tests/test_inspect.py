@@ -273,3 +273,17 @@ def test_uniform_run_is_flat_and_head_side_works(world):
     assert all(row["probability"] == pytest.approx(1 / len(LABELS)) for row in result.sampler_rows + result.model_rows)
     assert result.answer["id"] == 10 and len(result.sampler_rows) == 3
     assert "| tie |" in result.markdown() and "## (?, citizen of, Germany)" in result.markdown()
+
+
+def test_sans_distribution_is_the_frequency_of_its_own_draws(world):
+    params, run = train_run(world["root"], "sans", "sans")
+    inspector = load(world, run=run, params=params)
+    triple = inspector.parse_triple("Person 3|born in|Lyon")  # a TRAIN fact: Person 3 has edges, so a 2-hop neighbourhood
+    result = inspector.inspect(triple, "tail", top=5, draws=20000)
+    assert "frequency among" in result.method and not result.flat
+    neighbourhood = set(inspector.sampler.neighbourhood(3).tolist())
+    assert {row["id"] for row in result.sampler_rows} <= neighbourhood  # half of the draws come from there
+    probabilities = inspection.sampling_distribution(inspector.sampler, inspector.predictor.model, triple, "tail", 0, 20000).probabilities
+    share = float(probabilities[sorted(neighbourhood)].sum())
+    assert share == pytest.approx(0.5 + 0.5 * len(neighbourhood) / len(LABELS), abs=0.06)
+    assert float(probabilities[CITY0 + 3]) == 0  # the known TRAIN answer is redrawn (exclude_positives)
