@@ -192,7 +192,7 @@ def test_vectorised_draws_equal_sequential_draws():
         eligible[0] = False  # a row with nothing to draw
         eligible[1, :3], eligible[1, 3:] = True, False  # a row that runs out after 3 draws
         noise = -torch.log(-torch.log(torch.rand(n, batch, presample, generator=g)))
-        draws = straight_through_draws(logits, eligible, noise)
+        draws = straight_through_draws(logits, eligible, noise.clone())  # overwrites its noise
         positions, drawn, soft = reference_draws(logits, eligible, noise)
         assert torch.equal(draws.positions, positions) and torch.equal(draws.drawn, drawn)
         torch.testing.assert_close(draws.soft, soft, atol=1e-6, rtol=1e-5)

@@ -36,16 +36,16 @@ class Draws:
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Standard Gumbel noise ``-ln(-ln U)`` drawn on the CPU generator (same numbers on every device)."""
-    uniform = torch.rand(shape, generator=generator).to(device)
-    return -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    noise = torch.rand(shape, generator=generator).to(device)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_().neg_().log_().neg_()  # in place: one [n, B, P] buffer
 
 
 def straight_through_draws(logits: torch.Tensor, eligible: torch.Tensor, noise: torch.Tensor) -> Draws:
     """Sequential masked Gumbel draws for ``logits [B, P]`` (log p + log mask), ``eligible [B, P]``
-    and ``noise [n, B, P]``, with their relaxations ``soft [B, n, P]`` (differentiable in ``logits``)."""
+    and ``noise [n, B, P]`` (overwritten), with their relaxations ``soft [B, n, P]`` (differentiable in ``logits``)."""
     n, batch, _ = noise.shape
-    perturbed = logits.detach().unsqueeze(0) + noise  # [n, B, P]
-    values, best = perturbed.masked_fill_(~eligible, -math.inf).topk(n, dim=-1)  # [n, B, n]
+    perturbed = noise.add_(logits.detach())  # [n, B, P], in place: the noise is not needed on its own
+    values, best = perturbed.masked_fill(~eligible, -math.inf).topk(n, dim=-1)  # [n, B, n]
     positions = torch.zeros(batch, n, dtype=torch.long, device=logits.device)
     drawn = torch.zeros(batch, n, dtype=torch.bool, device=logits.device)
     for k in range(n):
@@ -54,11 +54,11 @@ def straight_through_draws(logits: torch.Tensor, eligible: torch.Tensor, noise: 
         first = free.to(torch.uint8).argmax(-1, keepdim=True)  # first free one among the n best
         drawn[:, k] = free.any(-1)
         positions[:, k] = torch.where(drawn[:, k], best[k].gather(-1, first).squeeze(-1), 0)
-    scores = logits.unsqueeze(0) + noise  # [n, B, P]
+    scores = perturbed + (logits - logits.detach())  # [n, B, P]: log p + log mask + g_k, differentiable in logits
     earlier, later = torch.triu_indices(n, n, offset=1, device=logits.device)  # every pair of draws j < k
     rows = torch.arange(batch, device=logits.device).expand(len(later), -1)  # [pairs, B]
     mask = (LOG_MASK * drawn[:, earlier].T).to(scores.dtype)  # ln(1e-38) at draw j's column for the later draw k
-    scores = scores.index_put((later.unsqueeze(1).expand_as(rows), rows, positions[:, earlier].T), mask, accumulate=True)
+    scores.index_put_((later.unsqueeze(1).expand_as(rows), rows, positions[:, earlier].T), mask, accumulate=True)
     soft = torch.softmax(scores / GUMBEL_TAU, dim=-1).permute(1, 0, 2)  # [B, n, P]
     return Draws(positions, drawn, soft)
 
