@@ -332,8 +332,8 @@ class Inspection:
                 shares = ", ".join(f"{w:.2f}" for w in weights["sentences"][:count])
                 top_regions = sorted(range(len(weights["regions"])), key=lambda k: -weights["regions"][k])[:3]
                 regions = ", ".join(f"{k}: {weights['regions'][k]:.3f}" for k in top_regions)
-                lines.append(f"- {cell(self.label(entity))}: sentences [{shares}]; strongest image tokens {regions}"
-                             + ("" if entity in self.images else " (no image: uniform tokens)"))
+                image = f"strongest image tokens {regions}" if entity in self.images else "no image"
+                lines.append(f"- {cell(self.label(entity))}: sentences [{shares}]; {image}")
         return "\n".join(lines) + "\n"
 
     def sampler_caption(self) -> str:
