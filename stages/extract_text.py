@@ -36,4 +36,6 @@ def extract_text_command(
     entity_media = read_entity_media(media or Path("media") / dataset / "entities_media.parquet", num_entities)
     out = out or Path("features") / dataset / "text"
     report = extract_text(entity_media.sentences, out, settings)
+    if report.damaged:
+        typer.echo(f"extract-text: damaged cache: {report.damaged}", err=True)
     typer.echo(f"extract-text: {report.num_entities} entities, {report.encoded} recomputed, {report.reused} reused -> {out}")

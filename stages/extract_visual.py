@@ -43,4 +43,6 @@ def extract_visual_command(
     entity_media = read_entity_media(media or Path("media") / dataset / "entities_media.parquet", num_entities)
     out = out or Path("features") / dataset / "visual"
     report = extract_visual(entity_media.image_hashes, images or Path("crawl") / dataset / "images", out, settings)
+    if report.damaged:
+        typer.echo(f"extract-visual: damaged cache: {report.damaged}", err=True)
     typer.echo(f"extract-visual: {report.num_entities} entities, {report.encoded} recomputed, {report.reused} reused -> {out}")

@@ -126,7 +126,8 @@ def train(
     caches: dict[str, Any] = {"text": None, "visual": None}
     if hasattr(SAMPLERS.get(sampler_name), "from_params"):  # model-aware samplers (MMRNS) read the feature caches
         features = features or Path("features") / str(dataset)
-        caches = {kind: load_features(features / kind) if (features / kind).is_dir() else None for kind in caches}
+        caches = {kind: load_features(features / kind, f"rebuild it: python -m stages extract-{kind} {dataset}") if (features / kind).is_dir() else None
+                  for kind in caches}
         for kind in (kind for kind, cache in caches.items() if cache is None):
             typer.echo(f"train: no {kind} feature cache at {features / kind}; the sampler sees that modality as missing", err=True)
     sampler = build_sampler(sampler_name, sampler_options, graph, model, config["num_negatives"], sampler_config["seed"], **caches)

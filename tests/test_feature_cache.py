@@ -47,7 +47,8 @@ def test_loader_returns_memory_map_in_entity_order(tmp_path):
     keys = ["a"] * 5
     encoder, report = build(tmp_path / "cache", keys, dtype="float16", unreadable=frozenset({3}))
     features = load_features(tmp_path / "cache")
-    assert isinstance(features.values, np.memmap) and features.values.dtype == np.float16
+    assert isinstance(features.values.stored, np.memmap) and features.values.dtype == np.float16
+    assert np.load(tmp_path / "cache" / "features.npy").shape == (4, 2, 3)  # entity 3 has no feature: not stored
     assert features.values.shape == (5, 2, 3)
     np.testing.assert_array_equal(features.values[:, 0, 0], [0, 1, 2, 0, 4])
     np.testing.assert_array_equal(features.mask, [True, True, True, False, True])
@@ -113,3 +114,61 @@ def test_missing_files_and_bad_dtype(tmp_path):
         load_features(tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
         build(tmp_path / "cache", ["a"], dtype="int8")
+
+
+def test_no_feature_stores_no_rows_and_loads_as_zeros(tmp_path):
+    from pipeline.samplers.mmrns.sampler import _feature_tensors
+
+    keys = ["a"] * 1000
+    build(tmp_path / "cache", keys, dtype="float16", batch_size=250, unreadable=frozenset(range(1000)))
+    assert (tmp_path / "cache" / "features.npy").stat().st_size <= 128  # a header: dense zeros would be 12 kB
+    features = load_features(tmp_path / "cache")
+    assert features.values.shape == (1000, 2, 3) and not features.mask.any()
+    assert not features.values[[0, 999]].any()
+    values, mask = _feature_tensors(features, 1000, (24, 383))
+    assert values.shape == (1000, 2, 3) and values.stride(0) == 0 and not mask.any()  # a view: no memory
+
+
+def test_cache_with_stored_zero_rows_is_rewritten_compact(tmp_path):
+    build(tmp_path / "cache", ["a"] * 4, unreadable=frozenset({1, 2}))
+    index = pd.read_parquet(tmp_path / "cache" / "index.parquet")
+    dense = np.zeros((4, 2, 3), np.float32)
+    dense[[0, 3]] = np.load(tmp_path / "cache" / "features.npy")
+    np.save(tmp_path / "cache" / "features.npy", dense)  # the layout before compact storage
+    index.assign(row=np.arange(4)).to_parquet(tmp_path / "cache" / "index.parquet", index=False)
+    np.testing.assert_array_equal(load_features(tmp_path / "cache").values, dense)
+    encoder, report = build(tmp_path / "cache", ["a"] * 4, unreadable=frozenset({1, 2}))
+    assert encoder.encoded == [1, 2] and np.load(tmp_path / "cache" / "features.npy").shape == (2, 2, 3)
+    np.testing.assert_array_equal(load_features(tmp_path / "cache").values, dense)
+
+
+def damage(path, how):
+    """Damage a real cache file: cut it to ``how`` bytes (negative: drop that many) or write junk."""
+    data = path.read_bytes()
+    path.write_bytes(b"\x00junk{" if how == "junk" else data[:how])
+
+
+@pytest.mark.parametrize("name, how", [("meta.json", "junk"), ("meta.json", 0), ("index.parquet", -40),
+                                       ("index.parquet", "junk"), ("features.npy", 0), ("features.npy", 20)])
+def test_unreadable_cache_file_is_named_then_rebuilt(tmp_path, name, how):
+    keys = ["a"] * 6
+    build(tmp_path / "cache", keys)
+    damage(tmp_path / "cache" / name, how)
+    with pytest.raises(DataError, match=rf"cache/{name}: .*; run extract-x") as error:
+        load_features(tmp_path / "cache", repair="run extract-x")
+    assert "\n" not in str(error.value)
+    encoder, report = build(tmp_path / "cache", keys)
+    assert encoder.encoded == list(range(6)) and name in report.damaged and "rebuilding" in report.damaged
+    np.testing.assert_array_equal(load_features(tmp_path / "cache").values[:, 0, 0], np.arange(6))
+
+
+def test_truncated_features_recompute_only_the_lost_rows(tmp_path):
+    keys = ["a"] * 6
+    build(tmp_path / "cache", keys, unreadable=frozenset({1}))  # stored rows: entities 0, 2, 3, 4, 5
+    path = tmp_path / "cache" / "features.npy"
+    path.write_bytes(path.read_bytes()[: -(3 * 2 * 3 * 4 - 5)])  # drops entity 5's row and part of 4's and 3's
+    with pytest.raises(DataError, match="features.npy: truncated: 2 of 5 rows"):
+        load_features(tmp_path / "cache")
+    encoder, report = build(tmp_path / "cache", keys, unreadable=frozenset({1}))
+    assert encoder.encoded == [1, 3, 4, 5] and "recomputing 3 entities" in report.damaged
+    np.testing.assert_array_equal(load_features(tmp_path / "cache").values[:, 0, 0], [0, 0, 2, 3, 4, 5])

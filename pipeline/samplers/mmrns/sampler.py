@@ -501,8 +501,9 @@ def _feature_tensors(
     features: Features | None, num_entities: int, default_shape: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [E, T, D], mask [E])`` of a feature cache, or all-missing zeros (a broadcast view, no memory)."""
-    if features is None:
+    if features is None or not np.any(features.mask):  # nothing to read: no [E, T, D] zeros in memory
+        shape = default_shape if features is None else tuple(features.values.shape[1:])
         missing = torch.zeros(num_entities, dtype=torch.bool)
-        return torch.zeros(1, *default_shape).expand(num_entities, *default_shape), missing
+        return torch.zeros(1, *shape).expand(num_entities, *shape), missing
     values = torch.from_numpy(np.array(features.values))  # read the memory map into memory (stored dtype)
     return values, torch.from_numpy(np.asarray(features.mask, dtype=bool))
