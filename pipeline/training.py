@@ -13,12 +13,15 @@ One step::
 Every ``valid_every`` steps (and at the last step) ``validate(model)`` gives VALID metrics;
 the best MRR is kept in ``best.pt``, ``last.pt`` holds everything needed to resume (model,
 optimizer, sampler with its generator, batch order, RNG states, history). A run resumed from
-``last.pt`` ends bit-identical to an uninterrupted one.
+``last.pt`` ends bit-identical to an uninterrupted one. A damaged checkpoint is never
+deleted: it is renamed ``<name>.corrupt-<n>`` and the run starts fresh (see :func:`fit`).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.graph import KnowledgeGraph
 from pipeline.losses import KGCLoss, SubsamplingWeights
 from pipeline.models import KGCModel, build_model
@@ -38,6 +41,15 @@ from pipeline.samplers import NegativeSampler
 Validator = Callable[[KGCModel], dict[str, float]]
 
 LAST, BEST = "last.pt", "best.pt"
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be used (empty, truncated, not a checkpoint, or of another
+    graph): names the file and what to do."""
+
+
+#: What fixes a damaged checkpoint, unless the caller names something more precise.
+CHECKPOINT_FIX = "retrain with `python -m stages train DATASET` (it sets a damaged checkpoint aside) or name another --checkpoint"
 
 
 class TrainingDiverged(PipelineError):
@@ -158,8 +170,45 @@ def fingerprint_text(fingerprint: dict[str, Any]) -> str:
     return json.dumps(fingerprint, sort_keys=True, default=str)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path: str | Path, fix: str = CHECKPOINT_FIX) -> dict[str, Any]:
+    """The checkpoint at ``path``; a one-line CheckpointError naming it and ``fix`` when it is
+    missing, empty, truncated or not a checkpoint of this pipeline (no model and its config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, f"missing checkpoint{fix and '; ' + fix}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch/pickle/zip raise many kinds for a damaged file
+        raise CheckpointError(path, f"not a readable checkpoint (empty, truncated or corrupt: {one_line(error)}){fix and '; ' + fix}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("model_config"), dict):
+        raise CheckpointError(path, f"not a checkpoint of this pipeline (no model and model_config){fix and '; ' + fix}")
+    return checkpoint
+
+
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's first sentence on one line, shortened to ``limit`` characters."""
+    text = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def checkpoint_graph(checkpoint: dict[str, Any]) -> list[int] | None:
+    """``[entities, relations, train triples]`` of the graph a checkpoint was trained on, when
+    its fingerprint records it (the train stage's does)."""
+    try:
+        graph = json.loads(checkpoint.get("fingerprint") or "{}").get("graph")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return [int(size) for size in graph[:3]] if isinstance(graph, list) and len(graph) >= 3 else None
+
+
+def set_aside(path: Path, reason: str = "corrupt") -> Path:
+    """Rename ``path`` to ``<name>.<reason>-<n>`` (the first free ``n``) and return the new path."""
+    n = 1
+    while path.with_name(f"{path.name}.{reason}-{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{reason}-{n}")
+    os.replace(path, target)
+    return target
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -167,13 +216,97 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load_model(path: str | Path, graph: KnowledgeGraph, device: torch.device | str = "cpu") -> KGCModel:
-    """Rebuild the model stored in a checkpoint (``best.pt`` or ``last.pt``) for ``graph``."""
-    checkpoint = read_checkpoint(Path(path))
+def load_model(path: str | Path, graph: KnowledgeGraph, device: torch.device | str = "cpu", fix: str = CHECKPOINT_FIX) -> KGCModel:
+    """Rebuild the model stored in a checkpoint (``best.pt`` or ``last.pt``) for ``graph``.
+
+    A CheckpointError naming the file and ``fix``: unreadable, or trained on another graph.
+    """
+    checkpoint = read_checkpoint(path, fix)
+    trained_on = checkpoint_graph(checkpoint)
+    here = [graph.num_entities, graph.num_relations, len(graph.train)]
+    if trained_on is not None and trained_on != here:
+        raise CheckpointError(path, f"trained on another graph ({trained_on[0]} entities, {trained_on[1]} relations, "
+                                    f"{trained_on[2]} train triples; this one: {here[0]}, {here[1]}, {here[2]}); {fix}")
     config = checkpoint["model_config"]
-    model = build_model(config["name"], graph, config["shared"], config["options"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(config["name"], graph, config["shared"], config["options"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(path, f"does not hold a model of this graph ({one_line(error)}); {fix}") from None
     return model.to(device).eval()
+
+
+RESUME_KEYS = ("fingerprint", "step", "optimizer", "sampler", "batches", "rng", "loop")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resume_point(checkpoint_dir: Path, key: str, model: KGCModel, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, bool]:
+    """``(the last.pt to resume from, or None for a fresh start; whether best.pt must be
+    rewritten from it)``.
+
+    Another configuration's ``last.pt``/``best.pt`` are removed. A damaged ``last.pt``
+    (unreadable, or not fitting ``model``) is set aside as ``last.pt.corrupt-<n>``, the
+    ``best.pt`` beside it kept as ``best.pt.previous-<n>``, and the run starts fresh (only one
+    resumable state is kept). A damaged or foreign ``best.pt`` is set aside; it is rewritten
+    when ``last.pt`` holds the best model, else the run starts fresh (``last.pt`` set aside as
+    ``last.pt.without-best-<n>``). Each of these is said through ``log``.
+    """
+    last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
+    if not last_path.is_file():
+        best_path.unlink(missing_ok=True)  # never report another run's best
+        return None, False
+    try:
+        checkpoint = read_checkpoint(last_path, fix="")
+        if checkpoint.get("fingerprint") == key:
+            _check_resumable(last_path, checkpoint, model)
+    except CheckpointError as error:
+        moved = set_aside(last_path)
+        kept = f"; {best_path} kept as {set_aside(best_path, 'previous').name}" if best_path.is_file() else ""
+        log(f"{error}: set aside as {moved.name}{kept}; training starts fresh")
+        return None, False
+    if checkpoint.get("fingerprint") != key:  # another configuration's checkpoints are stale
+        last_path.unlink()
+        best_path.unlink(missing_ok=True)
+        return None, False
+    best_step = checkpoint["loop"].get("best", {}).get("step")
+    problem = None if best_step is None else _best_problem(best_path, key, best_step)
+    if problem is None:
+        return checkpoint, False
+    aside = f", set aside as {set_aside(best_path).name}" if best_path.is_file() else ""
+    if best_step == checkpoint["step"]:
+        log(f"{problem}{aside}; rewritten from {last_path.name} (step {best_step}, the best model)")
+        return checkpoint, True
+    moved = set_aside(last_path, "without-best")
+    log(f"{problem}{aside}; {last_path.name} (step {checkpoint['step']}) does not hold the best model (step {best_step}): "
+        f"set aside as {moved.name}, training starts fresh")
+    return None, False
+
+
+def _check_resumable(path: Path, checkpoint: dict[str, Any], model: KGCModel) -> None:
+    """A CheckpointError unless ``checkpoint`` holds a full resume state for ``model``."""
+    missing = [name for name in RESUME_KEYS if name not in checkpoint]
+    if missing or not isinstance(checkpoint["loop"], dict):
+        raise CheckpointError(path, f"not a resumable checkpoint (missing {', '.join(missing) or 'loop state'})")
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    stored = {name: tuple(getattr(value, "shape", ())) for name, value in checkpoint["model"].items()}
+    if stored != expected:
+        raise CheckpointError(path, "its model does not match this run's (parameter names or shapes differ)")
+
+
+def _best_problem(best_path: Path, key: str, best_step: int) -> str | None:
+    """What is wrong with ``best.pt`` for a run whose best validation was at ``best_step``, if anything."""
+    try:
+        best = read_checkpoint(best_path, fix="")
+    except CheckpointError as error:
+        return str(error)
+    if best.get("fingerprint") != key:
+        return f"{best_path}: a checkpoint of another run"
+    if best.get("step") != best_step:
+        return f"{best_path}: from step {best.get('step')}, not the run's best step {best_step}"
+    return None
 
 
 def step_loss(
@@ -236,12 +369,15 @@ def fit(
     fingerprint: dict[str, Any],
     subsampling: SubsamplingWeights | None = None,
     progress: bool = True,
+    log: Callable[[str], None] = _stderr,
 ) -> TrainingResult:
     """Train ``model`` (already on its device, as is ``sampler``) and return the run's result.
 
     Resumes from ``checkpoint_dir/last.pt`` when its ``fingerprint`` (the run's config minus
     ``steps``) equals this one, so raising ``steps`` extends a run; otherwise starts fresh
-    and removes the stale ``last.pt`` and ``best.pt``. ``model_config`` (``name``, ``shared``, ``options``)
+    and removes the stale ``last.pt`` and ``best.pt``; damaged checkpoints are set aside
+    (:func:`resume_point`). ``log`` says ``resuming from step N`` and what was set aside.
+    ``model_config`` (``name``, ``shared``, ``options``)
     is stored so :func:`load_model` can rebuild the model. The model's initial parameters
     must already come from ``settings.seed`` (the caller seeds before building it).
     """
@@ -255,19 +391,20 @@ def fit(
     state = LoopState()
     key = fingerprint_text(fingerprint)
 
-    checkpoint = read_checkpoint(last_path) if last_path.is_file() else {}
-    if checkpoint.get("fingerprint") == key:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        batches.load_state_dict(checkpoint["batches"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        state = LoopState(**checkpoint["loop"])
-    else:  # another configuration's checkpoints are stale: never resume from or report them
-        last_path.unlink(missing_ok=True)
-        best_path.unlink(missing_ok=True)
+    checkpoint, rewrite_best = resume_point(checkpoint_dir, key, model, log)
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            sampler.load_state_dict(checkpoint["sampler"])
+            batches.load_state_dict(checkpoint["batches"])
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+            state = LoopState(**checkpoint["loop"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(last_path, f"cannot be resumed ({one_line(error)}); move it aside to start fresh") from None
+        log(f"resuming from step {state.step} ({last_path})")
 
     def save(path: Path, full: bool) -> None:
         payload: dict[str, Any] = {"fingerprint": key, "model_config": model_config, "model": model.state_dict(), "step": state.step}
@@ -283,6 +420,8 @@ def fit(
             payload["metrics"] = state.best
         write_checkpoint(path, payload)
 
+    if rewrite_best:
+        save(best_path, full=False)
     model.train()
     session_start = time.perf_counter()
     wall_before = state.wall_seconds

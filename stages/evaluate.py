@@ -42,7 +42,7 @@ def evaluate(
     from pipeline.evaluation import evaluate as evaluate_model
     from pipeline.evaluation_report import metrics_payload, plot_categories
     from pipeline.graph import load_graph
-    from pipeline.training import BEST, load_model, resolve_device
+    from pipeline.training import BEST, CHECKPOINT_FIX, load_model, resolve_device
 
     dataset, data = resolve_dataset(dataset, params, data)
     settings = check_evaluate_section(load_params(params, "evaluate"))
@@ -51,7 +51,7 @@ def evaluate(
     if not checkpoint.is_file():
         raise DataError(checkpoint, "missing checkpoint (run the train stage first)")
     graph = load_graph(data)
-    model = load_model(checkpoint, graph, device)
+    model = load_model(checkpoint, graph, device, fix=CHECKPOINT_FIX.replace("DATASET", dataset))
     started = time.perf_counter()
     results = evaluate_model(model, graph, "test", batch_size=settings["batch_size"], progress=progress)
     seconds = time.perf_counter() - started

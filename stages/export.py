@@ -27,10 +27,10 @@ def export(
     """Entity and relation embeddings as .npy, plus Embedding Projector TSVs."""
     from pipeline.graph import load_graph
     from pipeline.predict import checkpoint_info, export_embeddings, load_names
-    from pipeline.training import load_model
+    from pipeline.training import CHECKPOINT_FIX, load_model
 
     dataset, directory, checkpoint = dataset_paths(dataset, data, checkpoint, params)
-    model = load_model(checkpoint, load_graph(directory))
+    model = load_model(checkpoint, load_graph(directory), fix=CHECKPOINT_FIX.replace("DATASET", dataset))
     payload = export_embeddings(model, *load_names(directory), out, {"dataset": dataset, **checkpoint_info(checkpoint)})
     shapes = ", ".join(f"{name} {shape}" for name, shape in payload["files"].items())
     typer.echo(f"export: {payload['model']} on {dataset}: {shapes} -> {out}")
