@@ -123,6 +123,7 @@ def test_no_images_needs_no_model(tmp_path, photo_store):
     extract_visual([[], []], store, tmp_path / "visual", settings("no/such-model", dtype="float16"))
     features = load_features(tmp_path / "visual")
     assert features.values.shape == (2, 24, 15) and not features.mask.any()
+    assert (tmp_path / "visual" / "features.npy").stat().st_size <= 128  # a header, no rows of zeros
     assert features.meta["config"]["model"] == {"name": "no/such-model", "hash": None}
     assert features.meta["config"]["preprocessing"] is None
 
@@ -158,3 +159,10 @@ def test_stage_command(tiny_beit, photo_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 entities, 3 recomputed" in result.output
     np.testing.assert_array_equal(load_features(tmp_path / "visual").mask, [True, False, False])
+    features = tmp_path / "visual" / "features.npy"
+    features.write_bytes(features.read_bytes()[:-100])  # the one stored row (entity 0's) truncated
+    repaired = CliRunner().invoke(app, arguments)
+    assert repaired.exit_code == 0, repaired.output
+    assert "damaged cache" in repaired.output and "visual/features.npy: truncated" in repaired.output
+    assert "3 entities, 1 recomputed, 2 reused" in repaired.output
+    assert load_features(tmp_path / "visual").mask.tolist() == [True, False, False]
