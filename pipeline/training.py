@@ -247,7 +247,8 @@ def resume_point(checkpoint_dir: Path, key: str, model: KGCModel, log: Callable[
     """``(the last.pt to resume from, or None for a fresh start; whether best.pt must be
     rewritten from it)``.
 
-    Another configuration's ``last.pt``/``best.pt`` are removed. A damaged ``last.pt``
+    Another configuration's ``last.pt``/``best.pt`` are removed, but a ``last.pt`` of another
+    graph (another dataset's) is set aside as ``last.pt.foreign-<n>``. A damaged ``last.pt``
     (unreadable, or not fitting ``model``) is set aside as ``last.pt.corrupt-<n>``, the
     ``best.pt`` beside it kept as ``best.pt.previous-<n>``, and the run starts fresh (only one
     resumable state is kept). A damaged or foreign ``best.pt`` is set aside; it is rewritten
@@ -268,7 +269,11 @@ def resume_point(checkpoint_dir: Path, key: str, model: KGCModel, log: Callable[
         log(f"{error}: set aside as {moved.name}{kept}; training starts fresh")
         return None, False
     if checkpoint.get("fingerprint") != key:  # another configuration's checkpoints are stale
-        last_path.unlink()
+        trained_on, here = checkpoint_graph(checkpoint), checkpoint_graph({"fingerprint": key})
+        if trained_on is not None and here is not None and trained_on != here:  # not an earlier run here: keep it
+            log(f"{last_path}: a checkpoint of another graph ({trained_on[0]} entities, {trained_on[1]} relations): "
+                f"set aside as {set_aside(last_path, 'foreign').name}; training starts fresh")
+        last_path.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
         return None, False
     best_step = checkpoint["loop"].get("best", {}).get("step")

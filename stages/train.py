@@ -4,7 +4,8 @@ Outputs: models/<ds>/last.pt (resume point), models/<ds>/best.pt (best VALID MRR
 metrics/<ds>/train.json (headline: steps, best step, train time), reports/<ds>/train.json
 (model, sampler, best VALID metrics, early stop, speed), plots/<ds>/train_curve.csv (per
 validation), plots/<ds>/train_loss.csv (per log window), plots/<ds>/train_curve.png. An existing last.pt with the same configuration is
-resumed; a different configuration starts fresh.
+resumed; a different configuration starts fresh; a damaged last.pt or best.pt is set aside
+(see :func:`pipeline.training.resume_point`).
 """
 from __future__ import annotations
 

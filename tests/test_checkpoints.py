@@ -172,3 +172,14 @@ def test_train_names_a_damaged_feature_cache_and_its_repair(trained, tmp_path, n
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = _stages("train", "tiny", "--data", "data/tiny", cwd=tmp_path)
     one_line_error(done, f"features/tiny/text/{name}: ", "rebuild it: python -m stages extract-text tiny")
+
+
+def test_train_command_sets_another_datasets_last_aside(trained, tmp_path):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "models" / "other").mkdir()
+    shutil.copy(tmp_path / "models" / "tiny" / "last.pt", tmp_path / "models" / "other" / "last.pt")
+    done = _stages("train", "other", "--data", "data/other", cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "models/other/last.pt: a checkpoint of another graph (30 entities, 3 relations): set aside as last.pt.foreign-1" in done.stderr
+    assert read_checkpoint(tmp_path / "models" / "other" / "last.pt.foreign-1")["step"] == 20
+    assert read_checkpoint(tmp_path / "models" / "other" / "last.pt")["model"]["entities.weight"].shape[0] == 31
