@@ -200,8 +200,8 @@ def load_features(directory: str | Path, repair: str = REPAIR_HINT) -> Features:
     identity = len(stored) == len(rows) and np.array_equal(rows, np.arange(len(rows)))
     return Features(
         values=stored if identity and isinstance(stored, np.memmap) else FeatureValues(stored, rows),
-        mask=index["has_feature"].to_numpy(dtype=bool),
-        counts=index["count"].to_numpy(dtype=np.int32),
+        mask=index["has_feature"].to_numpy(dtype=bool, copy=True),  # writable: torch.from_numpy warns on read-only
+        counts=index["count"].to_numpy(dtype=np.int32, copy=True),
         meta=meta,
     )
 
