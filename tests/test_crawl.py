@@ -58,7 +58,11 @@ def start_crawl_stage(tmp_path: Path, names: list[str], params: dict) -> tuple[s
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crawl": params}))
     command = [sys.executable, "-m", "stages", "crawl", "toy", "--data", str(data), "--out", str(out),
                "--params", str(tmp_path / "params.yaml"), "--no-progress"]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE), out
+    # Ctrl-C as from a terminal: SIGINT at its default even if something in this test process ignores it
+    # (a child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler).
+    restore_interrupt = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=restore_interrupt)
+    return process, out
 
 
 def image_rows(manifest_path: Path) -> dict[int, tuple[str, str | None, str | None]]:
