@@ -24,6 +24,22 @@ class CosineForm:
     norm_gradient: bool = True
 
 
+def cosine_backward(
+    grad: torch.Tensor, sim: torch.Tensor, query_norms: torch.Tensor, candidate_norms: torch.Tensor, form: CosineForm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``sim = dots / (|q| |c| + δ)`` (all arguments broadcast to one shape): the gradients of
+    ``dots`` and of the product ``|q| |c|`` (zero when the norms are constants)."""
+    denominator = query_norms * candidate_norms + form.delta
+    grad_dots = grad / denominator
+    return grad_dots, -grad_dots * sim * float(form.norm_gradient)
+
+
+def norm_gradient(vectors: torch.Tensor, norms: torch.Tensor, grad_norms: torch.Tensor) -> torch.Tensor:
+    """``d |x| / d x`` times ``grad_norms``: ``x / |x|`` scaled, 0 where ``|x| = 0`` (as autograd's norm)."""
+    scale = torch.where(norms > 0, grad_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+    return vectors * scale.unsqueeze(-1)
+
+
 @dataclass(frozen=True)
 class GroupChunk:
     """Groups ``[first, last)`` and the rows that belong to them."""

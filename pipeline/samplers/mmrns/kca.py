@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.samplers.mmrns.groups import CosineForm, RowGroups
+from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, cosine_backward, norm_gradient
 
 LEAKY_SLOPE = 0.1
 #: Coefficients ``[n, G, K J]`` per chunk of entities in :func:`gated_cosine` (about 1 MB: in cache).
@@ -272,16 +272,13 @@ class _GatedAttentionCosine(torch.autograd.Function):
             rows_grad = grad_sim[:, part].T  # [n, B]
             norms_all = torch.linalg.vector_norm(output, dim=-1)  # [n, G]
             norms = norms_all[:, group]
-            denominator = norms * query_norms + form.delta
-            grad_dots = rows_grad / denominator
-            grad_denominator = -rows_grad * sim[:, part].T / denominator * float(form.norm_gradient)
+            grad_dots, grad_denominator = cosine_backward(rows_grad, sim[:, part].T, query_norms, norms, form)
             grad_query_norms += (grad_denominator * norms).sum(0)
             rows = output[:, group]  # [n, B, a]
             grad_queries += (rows * grad_dots.unsqueeze(-1)).sum(0)
             grad_output = torch.zeros_like(output).index_add_(1, group, grad_dots.unsqueeze(-1) * queries)  # [n, G, a]
             grad_norms = torch.zeros_like(norms_all).index_add_(1, group, grad_denominator * query_norms)
-            scale = torch.where(norms_all > 0, grad_norms / norms_all.clamp_min(torch.finfo(norms_all.dtype).tiny), 0)
-            grad_output.addcmul_(output, scale.unsqueeze(-1))
+            grad_output += norm_gradient(output, norms_all, grad_norms)
             grad_base[part] = grad_output.sum(1)
             coefficients = (inverse.unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
             torch.bmm(coefficients.transpose(1, 2), grad_output, out=grad_weighted[part])
@@ -293,8 +290,7 @@ class _GatedAttentionCosine(torch.autograd.Function):
             grad_pairs.baddbmm_(flat[part].transpose(0, 1).transpose(1, 2), by_slot)
         square = grad_pairs.permute(2, 0, 1).unflatten(-1, (gate.shape[-1], gate.shape[-1]))  # [G, K, J, J]
         grad_gate += ((square + square.transpose(-1, -2)) * gate.unsqueeze(-2)).sum(-1)
-        query_scale = torch.where(query_norms > 0, grad_query_norms / query_norms.clamp_min(torch.finfo(query_norms.dtype).tiny), 0)
-        grad_queries.addcmul_(queries, query_scale.unsqueeze(1))
+        grad_queries += norm_gradient(queries, query_norms, grad_query_norms)
         ctx.chunks = None
         return grad_flat.view(entities, slots, gate.shape[-1], -1), grad_weighted, grad_gate, grad_base, grad_queries, None, None, None, None
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.samplers.mmrns.groups import CosineForm, RowGroups
+from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, cosine_backward, norm_gradient
 from pipeline.samplers.mmrns.kca import LEAKY_SLOPE
 
 
@@ -105,15 +105,12 @@ class _GatedStructureCosine(torch.autograd.Function):
             if not bool(active[chunk.rows].any()):
                 continue
             rows_grad, row_norms = grad_sim[chunk.rows], query_norms[chunk.rows].unsqueeze(1)
-            denominator = row_norms * norms[chunk.local] + form.delta  # [m, P]
-            grad_dots = rows_grad / denominator
-            grad_denominator = -rows_grad * sim[chunk.rows] / denominator * float(form.norm_gradient)
+            grad_dots, grad_denominator = cosine_backward(rows_grad, sim[chunk.rows], row_norms, norms[chunk.local], form)
             grad_query_norms[chunk.rows] = (grad_denominator * norms[chunk.local]).sum(1)
             grad_norms = torch.zeros_like(norms).index_add_(0, chunk.local, grad_denominator * row_norms)  # [g, P]
             candidates = gate * table
             grad_candidates, grad_queries[chunk.rows] = chunk.dots_backward(grad_dots, candidates, queries)
-            scale = torch.where(norms > 0, grad_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
-            grad_candidates.addcmul_(candidates, scale.unsqueeze(-1))  # [g, P, d]
+            grad_candidates += norm_gradient(candidates, norms, grad_norms)  # [g, P, d]
             grad_table += (grad_candidates * gate).sum(0)
             grad_gate = torch.ops.aten.sigmoid_backward(grad_candidates.mul_(table), gate).flatten(0, 1)  # [g P, d]
             grad_bias += grad_gate.sum(0)
@@ -122,7 +119,6 @@ class _GatedStructureCosine(torch.autograd.Function):
             grad_hidden = torch.ops.aten.leaky_relu_backward(grad_gate @ weight, flat_hidden, LEAKY_SLOPE, True)  # φ' from φ's output
             grad_entity += grad_hidden.view_as(hidden).sum(0)
             grad_relation[chunk.first : chunk.last] = grad_hidden.view_as(hidden).sum(1)
-        query_scale = torch.where(query_norms > 0, grad_query_norms / query_norms.clamp_min(torch.finfo(query_norms.dtype).tiny), 0)
-        grad_queries.addcmul_(queries, query_scale.unsqueeze(1))
+        grad_queries += norm_gradient(queries, query_norms, grad_query_norms)
         ctx.chunk_tensors = None
         return grad_entity, grad_relation, grad_weight, grad_bias, grad_table, grad_queries, None, None, None
