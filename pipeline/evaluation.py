@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.distributed import World, all_gather_rows
 from pipeline.errors import PipelineError
 from pipeline.filtering import FilterIndex
 from pipeline.graph import CATEGORIES, KnowledgeGraph
@@ -102,33 +103,42 @@ def rank_triples(
     side: Side,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
+    world: World | None = None,
 ) -> Ranks:
     """Filtered ranks ``[N]`` of the true ``side`` entity of each triple ``[N, 3]``, on CPU.
 
     Runs on the model's device, in eval mode (the previous mode is restored) under
     ``torch.inference_mode``. ``filter_index`` holds the known triples to filter out.
+    ``world`` with ``N`` ranks (the same model on each): rank ``r`` scores the ``r``-th
+    contiguous block of the batches and every rank gets all ranks, in order. The batches are
+    those of one process, so the ranks are exactly one process's.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    world = world or World()
     device = _model_device(model)
     triples = triples.to(device, torch.long)
     filter_index = filter_index.to(device)
+    starts = range(0, len(triples), batch_size)
+    block = -(-len(starts) // world.size)  # batches per rank
+    mine = starts[world.rank * block : (world.rank + 1) * block]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             parts = [
                 Ranks(*(column.cpu() for column in _rank_batch(model, triples[start : start + batch_size], filter_index, side)))
-                for start in tqdm(
-                    range(0, len(triples), batch_size), desc=f"rank {side}s", unit="batch", disable=not progress, leave=False
-                )
+                for start in tqdm(mine, desc=f"rank {side}s", unit="batch", disable=not progress, leave=False)
             ]
     finally:
         model.train(was_training)
-    if not parts:
-        empty = torch.empty(0, dtype=torch.long)
-        return Ranks(empty, empty, empty.double())
-    return Ranks.concat(parts)
+    empty = torch.empty(0, dtype=torch.long)
+    bounds = torch.stack([torch.cat([part.optimistic for part in parts] or [empty]),
+                          torch.cat([part.pessimistic for part in parts] or [empty])], 1)  # [n_r, 2]
+    if world.size > 1:
+        bounds = torch.cat(all_gather_rows(world, bounds.to(world.device))).cpu()
+    optimistic, pessimistic = bounds.unbind(1)
+    return Ranks(optimistic, pessimistic, (optimistic + pessimistic).double() / 2)
 
 
 def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
@@ -176,6 +186,7 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str | None = None,
     progress: bool = False,
+    world: World | None = None,
 ) -> dict:
     """Filtered evaluation of ``model`` on ``graph``'s ``split`` ("valid" or "test").
 
@@ -184,7 +195,8 @@ def evaluate(
     (rank types :data:`RANK_TYPES`, directions :data:`DIRECTIONS`, metrics :data:`METRICS`),
     ``metrics["num_triples"]``, and for ``split == "test"`` on a graph with relation
     categories ``metrics["categories"][category][direction][metric]`` (realistic ranks;
-    categories without test triples are left out).
+    categories without test triples are left out). ``world``: sharded over its ranks
+    (:func:`rank_triples`), the same metrics on every rank, equal to one process's.
     """
     triples = graph.split(split)
     if len(triples) == 0:
@@ -193,7 +205,7 @@ def evaluate(
         model.to(device)
     filter_index = graph_filter(graph)
     ranks = {
-        side: rank_triples(model, triples, filter_index, side, batch_size=batch_size, progress=progress)
+        side: rank_triples(model, triples, filter_index, side, batch_size=batch_size, progress=progress, world=world)
         for side in ("head", "tail")
     }
     metrics: dict = {

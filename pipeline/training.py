@@ -10,6 +10,9 @@ One step::
            (a sampler without negatives, NS-KGE: sampler.whole_graph_loss + regularisation)
     sparse embedding gradients -> dense; Adam step (model lr, sampler group sampler_lr)
 
+With ``N`` data-parallel ranks (:mod:`pipeline.distributed`) each rank takes its slice of
+the global batch, back-propagates ``loss / N`` and the ranks sum their gradients before Adam.
+
 Every ``valid_every`` steps (and at the last step) ``validate(model)`` gives VALID metrics;
 the best MRR is kept in ``best.pt``, ``last.pt`` holds everything needed to resume (model,
 optimizer, sampler with its generator, batch order, RNG states, history). A run resumed from
@@ -31,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_path
+from pipeline.distributed import GradientSync, World, broadcast_parameters, broadcast_tree, gather_to_main, rank_seed, shard
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.graph import KnowledgeGraph
 from pipeline.losses import KGCLoss, SubsamplingWeights
@@ -155,14 +159,17 @@ class GradientDensifier:
     def __call__(self) -> None:
         for parameter in self.parameters:
             gradient = parameter.grad
-            if gradient is None or not gradient.is_sparse:
-                continue
-            buffer = self.buffers.get(id(parameter))
-            if buffer is None:
-                buffer = self.buffers[id(parameter)] = torch.zeros_like(parameter)
-            else:
-                buffer.zero_()
-            parameter.grad = buffer.index_add_(0, gradient._indices()[0], gradient._values())
+            if gradient is not None and gradient.is_sparse:
+                self.densify(parameter, gradient._indices()[0], gradient._values())
+
+    def densify(self, parameter: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """``parameter.grad``: the dense sum of ``values [K, ...]`` at ``rows [K]`` (in order)."""
+        buffer = self.buffers.get(id(parameter))
+        if buffer is None:
+            buffer = self.buffers[id(parameter)] = torch.zeros_like(parameter)
+        else:
+            buffer.zero_()
+        parameter.grad = buffer.index_add_(0, rows, values)
 
 
 def fingerprint_text(fingerprint: dict[str, Any]) -> str:
@@ -335,6 +342,36 @@ def step_loss(
     return loss if auxiliary is None else loss + auxiliary
 
 
+class TrainStep:
+    """One optimisation step of this rank of ``world`` (one process by default): the loop body
+    of :func:`fit`, which benchmarks time alone.
+
+    ``step(batch [B, 3], step)`` takes the global batch, trains on this rank's rows (all of
+    them with one process), back-propagates ``loss / N``, synchronises the gradients
+    (:class:`~pipeline.distributed.GradientSync`) and, when the global loss is finite, takes
+    the Adam step of :func:`build_optimizer`. Returns the global batch's loss.
+    """
+
+    def __init__(self, model: KGCModel, sampler: NegativeSampler, loss_fn: KGCLoss, settings: TrainSettings,
+                 world: World | None = None, subsampling: SubsamplingWeights | None = None):
+        self.model, self.sampler, self.loss_fn, self.subsampling = model, sampler, loss_fn, subsampling
+        self.world = world or World(device=next(model.parameters()).device)
+        self.rows = shard(self.world, settings.batch_size)
+        self.optimizer = build_optimizer(model, sampler, settings)
+        self.synchronise = GradientSync(GradientDensifier(self.optimizer), self.world)
+
+    def __call__(self, batch: torch.Tensor, step: int) -> float:
+        loss = step_loss(self.model, self.sampler, self.loss_fn, batch[self.rows], step, self.subsampling)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world.size > 1:  # this rank's share of the mean over ranks
+            loss = loss / self.world.size
+        loss.backward()
+        value = self.synchronise(loss.item())
+        if math.isfinite(value):
+            self.optimizer.step()
+        return value
+
+
 def stop_horizon(state: "LoopState", settings: TrainSettings) -> int:
     """The step by which the run ends unless VALID MRR improves: ``settings.steps``, or the
     validation at which early stopping's patience runs out (the progress bar's total, so its
@@ -375,6 +412,7 @@ def fit(
     subsampling: SubsamplingWeights | None = None,
     progress: bool = True,
     log: Callable[[str], None] = _stderr,
+    world: World | None = None,
 ) -> TrainingResult:
     """Train ``model`` (already on its device, as is ``sampler``) and return the run's result.
 
@@ -385,42 +423,72 @@ def fit(
     ``model_config`` (``name``, ``shared``, ``options``)
     is stored so :func:`load_model` can rebuild the model. The model's initial parameters
     must already come from ``settings.seed`` (the caller seeds before building it).
+
+    ``world`` (:mod:`pipeline.distributed`): one rank of a data-parallel run. Every rank calls
+    ``fit`` alike (``validate`` must give the same metrics on every rank, e.g. the sharded
+    :func:`pipeline.evaluation.evaluate`); each trains on its slice of the global batch with
+    its own sampler generator, and rank 0 alone touches ``checkpoint_dir`` and logs. The
+    checkpoint holds every rank's sampler and RNG state, and the world size joins the
+    fingerprint (another number of ranks starts fresh).
     """
+    world = world or World(device=next(model.parameters()).device)
+    log = log if world.is_main else (lambda message: None)
     checkpoint_dir = Path(checkpoint_dir)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
     device = next(model.parameters()).device
     train = graph.train.to(device)
     batches = BatchStream(len(train), settings.batch_size, settings.seed)
-    optimizer = build_optimizer(model, sampler, settings)
-    densify_gradients = GradientDensifier(optimizer)
+    train_step = TrainStep(model, sampler, loss_fn, settings, world, subsampling)
+    optimizer = train_step.optimizer
     state = LoopState()
-    key = fingerprint_text(fingerprint)
+    key = fingerprint_text(fingerprint if world.size == 1 else {**fingerprint, "world_size": world.size})
+    if world.size > 1:
+        sampler.generator.manual_seed(rank_seed(sampler.generator.initial_seed(), world.rank))
+        broadcast_parameters(world, model, sampler)
 
-    checkpoint, rewrite_best = resume_point(checkpoint_dir, key, model, log)
+    checkpoint, rewrite_best = resume_point(checkpoint_dir, key, model, log) if world.is_main else (None, False)
+    checkpoint, rewrite_best = broadcast_tree(world, (checkpoint, rewrite_best))
     if checkpoint is not None:
         try:
+            own = checkpoint if world.rank == 0 else checkpoint["ranks"][world.rank - 1]
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             sampler.load_state_dict(checkpoint["sampler"])
+            if world.rank:  # this rank's own sampler state (its generator, caches, ...) over rank 0's
+                sampler.load_state_dict(own["sampler"], strict=False)
             batches.load_state_dict(checkpoint["batches"])
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+            torch.set_rng_state(own["rng"]["torch"])
+            if device.type == "cuda" and own["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(own["rng"]["cuda"], device)
             state = LoopState(**checkpoint["loop"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(last_path, f"cannot be resumed ({one_line(error)}); move it aside to start fresh") from None
         log(f"resuming from step {state.step} ({last_path})")
 
+    def rank_state() -> dict[str, Any]:
+        """What differs between ranks: the sampler's state but its parameters, the RNG states."""
+        parameters = {name for name, _ in sampler.named_parameters()}
+        return {
+            "sampler": {name: value for name, value in sampler.state_dict().items() if name not in parameters},
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }
+
     def save(path: Path, full: bool) -> None:
+        """Rank 0 writes ``path``; a full (``last.pt``) checkpoint gathers every rank's state first."""
+        ranks = gather_to_main(world, rank_state()) if full and world.size > 1 else None
+        if not world.is_main:
+            return
         payload: dict[str, Any] = {"fingerprint": key, "model_config": model_config, "model": model.state_dict(), "step": state.step}
         if full:
             payload.update(
                 optimizer=optimizer.state_dict(),
                 sampler=sampler.state_dict(),
                 batches=batches.state_dict(),
-                rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                rng=rank_state()["rng"],
                 loop=asdict(state),
             )
+            if ranks is not None:
+                payload["ranks"] = ranks[1:]
         else:
             payload["metrics"] = state.best
         write_checkpoint(path, payload)
@@ -433,19 +501,15 @@ def fit(
     finished = state.stopped_early or state.step >= settings.steps
     # smoothing=0: the rate (hence the ETA) is the run's average, validation pauses included
     bar = tqdm(total=stop_horizon(state, settings), initial=state.step, desc="train", unit="step", smoothing=0,
-               disable=not progress or finished)
+               disable=not progress or finished or not world.is_main)
     while not finished:
         step_start = time.perf_counter()
-        positives = train[batches.next().to(device)]
-        loss = step_loss(model, sampler, loss_fn, positives, state.step, subsampling)
-        value = loss.item()
+        value = train_step(train[batches.next().to(device)], state.step)
         if not math.isfinite(value):
-            where = f"{last_path} (step {read_checkpoint(last_path)['step']})" if last_path.is_file() else "none written yet"
+            where = "see rank 0"
+            if world.is_main:
+                where = f"{last_path} (step {read_checkpoint(last_path)['step']})" if last_path.is_file() else "none written yet"
             raise TrainingDiverged(f"loss is {value} at step {state.step}; last good checkpoint: {where}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        densify_gradients()
-        optimizer.step()
         state.step += 1
         state.train_seconds += time.perf_counter() - step_start
         state.window_loss, state.window_steps = state.window_loss + value, state.window_steps + 1

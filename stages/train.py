@@ -18,9 +18,13 @@ import typer
 
 from pipeline.errors import ConfigError
 from stages import DATA_OPTION, PARAMS_OPTION, app, check_keys, load_params, resolve_dataset
+from stages.launch import join_world, relaunch, stage_arguments, under_torchrun
 
-POSITIVE_INTEGERS = ("dim", "num_negatives", "batch_size", "steps", "valid_every", "patience", "eval_batch_size", "log_every")
-POSITIVE_FLOATS = ("lr", "sampler_lr", "adversarial_temperature")
+POSITIVE_INTEGERS = ("dim", "num_negatives", "batch_size", "steps", "valid_every", "patience", "eval_batch_size", "log_every", "nproc")
+POSITIVE_FLOATS = ("lr", "sampler_lr", "adversarial_temperature", "dist_timeout")
+#: Keys a params file may leave out (their defaults); they do not change what is computed, so
+#: they stay out of the run's fingerprint (the number of ranks joins it in pipeline.training.fit).
+OPTIONAL = {"nproc": 1, "dist_timeout": 600.0}
 NON_NEGATIVE_FLOATS = ("gamma", "regularization")
 BOOLEANS = ("self_adversarial", "subsampling")
 OTHER_KEYS = ("model", "loss", "seed", "threads", "device")  # + an options mapping per model, named like it
@@ -34,6 +38,7 @@ def check_train_section(section: dict[str, Any]) -> dict[str, Any]:
     from pipeline.training import resolve_device
 
     check_keys("train", section, POSITIVE_INTEGERS + POSITIVE_FLOATS + NON_NEGATIVE_FLOATS + BOOLEANS + OTHER_KEYS + tuple(MODELS.names()))
+    section = {**OPTIONAL, **section}
 
     def value(key: str) -> Any:
         if key not in section:
@@ -54,6 +59,8 @@ def check_train_section(section: dict[str, Any]) -> dict[str, Any]:
     for key in ("seed", "threads"):
         if isinstance(value(key), bool) or not isinstance(value(key), int) or value(key) < 0:
             raise ConfigError(f"train.{key} must be a non-negative integer, got {value(key)!r}")
+    if value("batch_size") % value("nproc"):
+        raise ConfigError(f"train.batch_size ({value('batch_size')}) must be a multiple of train.nproc ({value('nproc')})")
     MODELS.get(value("model"))
     LOSSES.get(value("loss"))
     resolve_device(value("device"))
@@ -93,7 +100,34 @@ def train(
     features: Optional[Path] = typer.Option(None, help="Feature caches text/ and visual/ for model-aware samplers (default: features/<dataset>)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Train a KGC model with a negative sampler; validate, keep the best, resume, stop early."""
+    """Train a KGC model with a negative sampler; validate, keep the best, resume, stop early.
+
+    ``train.nproc`` > 1: data-parallel on that many processes of this machine (re-launched
+    under torchrun); under ``torchrun ... -m stages train`` (several machines too) every rank
+    runs this command and rank 0 alone writes.
+    """
+    import torch
+
+    from pipeline.distributed import leave
+    from pipeline.training import resolve_device
+
+    config = check_train_section(load_params(params, "train"))
+    if config["nproc"] > 1 and not under_torchrun():
+        options = {"data": data, "out": out, "metrics": metrics, "report": report, "plots": plots, "features": features, "params": params}
+        return relaunch(config["nproc"], stage_arguments("train", [dataset], options), config["threads"])
+    dataset, data = resolve_dataset(dataset, params, data)
+    sampler_config = check_sampler_section(load_params(params, "sampler"))
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    world = join_world(resolve_device(config["device"]), config["dist_timeout"])
+    try:
+        _train(dataset, data, out, metrics, report, plots, features, config, sampler_config, world)
+    finally:
+        leave(world)
+
+
+def _train(dataset, data, out, metrics, report, plots, features, config, sampler_config, world) -> None:
+    """The stage's work on one rank of ``world`` (rank 0 writes and prints)."""
     import torch
 
     from pipeline.atomic import write_json
@@ -104,15 +138,14 @@ def train(
     from pipeline.models import build_model
     from pipeline.plots import plot_training_curves, write_csv
     from pipeline.samplers import SAMPLERS, build_sampler
-    from pipeline.training import TrainSettings, fit, resolve_device
+    from pipeline.training import TrainSettings, fit
 
-    dataset, data = resolve_dataset(dataset, params, data)
-    config = check_train_section(load_params(params, "train"))
-    sampler_config = check_sampler_section(load_params(params, "sampler"))
+    def say(message: str) -> None:
+        if world.is_main:
+            typer.echo(message, err=True)
+
     graph = load_graph(data)
-    device = resolve_device(config["device"])
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
+    device = world.device
 
     model_name = config["model"]
     model_config = {
@@ -130,10 +163,10 @@ def train(
         caches = {kind: load_features(features / kind, f"rebuild it: python -m stages extract-{kind} {dataset}") if (features / kind).is_dir() else None
                   for kind in caches}
         for kind in (kind for kind, cache in caches.items() if cache is None):
-            typer.echo(f"train: no {kind} feature cache at {features / kind}; the sampler sees that modality as missing", err=True)
+            say(f"train: no {kind} feature cache at {features / kind}; the sampler sees that modality as missing")
     sampler = build_sampler(sampler_name, sampler_options, graph, model, config["num_negatives"], sampler_config["seed"], **caches)
     for modality in getattr(sampler, "absent_modalities", ()):
-        typer.echo(f"train: no entity has the {modality} modality; the sampler does not use it", err=True)
+        say(f"train: no entity has the {modality} modality; the sampler does not use it")
     sampler = sampler.to(device)
     loss = build_loss(config["loss"], config["gamma"], config["adversarial_temperature"], config["self_adversarial"])
     subsampling = SubsamplingWeights(graph.train, graph.num_entities, graph.num_relations).to(device) if config["subsampling"] else None
@@ -141,15 +174,18 @@ def train(
     fingerprint = {
         "dataset": dataset,
         "graph": [graph.num_entities, graph.num_relations, len(graph.train), len(graph.valid)],
-        "train": {key: value for key, value in config.items() if key != "steps"},
+        "train": {key: value for key, value in config.items() if key != "steps" and key not in OPTIONAL},
         "sampler": {"name": sampler_name, "seed": sampler_config["seed"], "options": sampler_options},
     }
 
     def validate(trained) -> dict[str, float]:
-        return evaluate(trained, graph, "valid", batch_size=config["eval_batch_size"])["realistic"]["both"]
+        return evaluate(trained, graph, "valid", batch_size=config["eval_batch_size"], world=world)["realistic"]["both"]
 
     started = time.perf_counter()
-    result = fit(model, sampler, loss, graph, settings, out or Path("models") / str(dataset), validate, model_config, fingerprint, subsampling)
+    result = fit(model, sampler, loss, graph, settings, out or Path("models") / str(dataset), validate, model_config, fingerprint,
+                 subsampling, world=world)
+    if not world.is_main:
+        return
     plots = plots or Path("plots") / dataset
     write_csv(plots / "train_curve.csv", result.history, ["step", "loss", "valid_mrr", "valid_hits@10"])
     write_csv(plots / "train_loss.csv", result.losses, ["step", "loss"])
@@ -169,6 +205,7 @@ def train(
             "train_seconds": round(result.train_seconds, 2),
             "wall_seconds": round(result.wall_seconds, 2),
             "triples_per_second": round(result.triples_per_second, 1),
+            "processes": world.size,
         },
     )
     typer.echo(
