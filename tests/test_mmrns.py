@@ -629,9 +629,14 @@ def test_rows_without_a_contrastive_positive_give_the_same_loss_and_gradients_wi
         sampler, model = make(graph, kgc_gradient="none", presample_size=0.75), transe(graph)
         for parameter in sampler.parameters():
             torch.nn.init.normal_(parameter, std=0.2, generator=torch.Generator().manual_seed(1))
-        if not split:  # differentiate every row
+        if split:  # record which rows get autograd: some must, some not (the split is exercised)
+            split_rows, fast = [], sampler._contrastive_rows_with_grad
+            sampler._contrastive_rows_with_grad = lambda p, c, h, m, rows: split_rows.append(rows) or fast(p, c, h, m, rows)
+        else:  # differentiate every row
             sampler._contrastive_rows_with_grad = lambda p, c, h, m, rows: sampler.similarities(p, c, h, m)
         negatives = sampler.sample(positives, model, step=1)
+        if split:
+            assert 0 < int(split_rows[0].sum()) < len(positives)
         _, scores = kgc_loss(model, positives, negatives)
         auxiliary = sampler.auxiliary_loss(positives, negatives, scores, model)
         auxiliary.backward()

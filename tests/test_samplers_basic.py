@@ -107,3 +107,19 @@ def test_bernoulli_sampler_follows_the_relation_probability():
 def test_unknown_sampler_lists_valid_names():
     with pytest.raises(ConfigError, match="unknown sampler 'random'; valid: .*bernoulli.*uniform"):
         SAMPLERS.get("random")
+
+
+def test_answers_among_a_shared_presample_equals_the_per_pair_lookup():
+    generator = torch.Generator().manual_seed(3)
+    entities, relations = 30, 3
+    triples = torch.stack([torch.randint(entities, (400,), generator=generator), torch.randint(relations, (400,), generator=generator),
+                           torch.randint(entities, (400,), generator=generator)], 1)
+    known = KnownPositives(triples, entities, relations)
+    positives = torch.cat([triples[:40], torch.tensor([[29, 2, 29]])])  # and one query without any answer
+    candidates = torch.randperm(entities, generator=generator)[:17]
+    corrupt_head = torch.rand(len(positives), generator=generator) < 0.5
+    fast = known.answers_among(positives, candidates, corrupt_head)
+    assert fast.any() and not fast.all()
+    assert torch.equal(fast, known.corruptions_known(positives, candidates.expand(len(positives), -1), corrupt_head))
+    empty = KnownPositives(torch.zeros((0, 3), dtype=torch.long), entities, relations)
+    assert not empty.answers_among(positives, candidates, corrupt_head).any()

@@ -56,16 +56,20 @@ class GroupChunk:
         block = rows.new_zeros(self.last - self.first, self.width, rows.shape[-1])
         return block.index_put_((self.local, self.rank), rows)
 
-    def dots(self, candidates: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """``[m, P]``: each row's query ``queries [B, x]`` against its group's ``candidates [g, P, x]``."""
-        return torch.bmm(self.pack(queries[self.rows]), candidates.transpose(1, 2))[self.local, self.rank]
+    def query_block(self, queries: torch.Tensor) -> torch.Tensor:
+        """The chunk's rows of ``queries [B, x]`` as the padded block ``[g, width, x]``."""
+        return self.pack(queries[self.rows])
+
+    def dots(self, candidates: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """``[m, P]``: each row's query (``block`` from :meth:`query_block`) against its group's ``candidates [g, P, x]``."""
+        return torch.bmm(block, candidates.transpose(1, 2))[self.local, self.rank]
 
     def dots_backward(
-        self, grad: torch.Tensor, candidates: torch.Tensor, queries: torch.Tensor
+        self, grad: torch.Tensor, candidates: torch.Tensor, block: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of :meth:`dots` for ``grad [m, P]``: ``([g, P, x], [m, x])``."""
         padded = self.pack(grad)  # [g, width, P]
-        grad_candidates = torch.bmm(padded.transpose(1, 2), self.pack(queries[self.rows]))
+        grad_candidates = torch.bmm(padded.transpose(1, 2), block)
         grad_queries = torch.bmm(padded, candidates)[self.local, self.rank]
         return grad_candidates, grad_queries
 
@@ -122,7 +126,7 @@ def grouped_cosine(
         norms = torch.linalg.vector_norm(candidates[0], dim=-1).unsqueeze(0)
     else:
         blocks = candidates.split([chunk.last - chunk.first for chunk in groups.chunks])  # one backward node, no zero-filled slices
-        parts = [chunk.dots(block, queries) for chunk, block in zip(groups.chunks, blocks)]
+        parts = [chunk.dots(block, chunk.query_block(queries)) for chunk, block in zip(groups.chunks, blocks)]
         rows = torch.cat([chunk.rows for chunk in groups.chunks])
         dots = torch.cat(parts)[torch.argsort(rows)]
         norms = torch.linalg.vector_norm(candidates, dim=-1)[groups.group]

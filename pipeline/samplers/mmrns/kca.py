@@ -174,7 +174,7 @@ class CrossModalAttention(nn.Module):
                 continue
             base = self._attend(factors, slot_cross.softmax(-1).unsqueeze(0), output, True)[0] + self._constant(output, 2)
             quadratic, weighted = self._gated_inputs(factors, slot_cross)
-            outputs.append(gated_cosine(quadratic, weighted, slot_gate, base, query, groups.group, form, self.norm.eps))
+            outputs.append(gated_cosine(quadratic, weighted, slot_gate, base, query, groups, form, self.norm.eps))
         return outputs[0], outputs[1]
 
     def forward(
@@ -220,78 +220,81 @@ class CrossModalAttention(nn.Module):
 
 def gated_cosine(
     quadratic: torch.Tensor, weighted: torch.Tensor, gate: torch.Tensor, base: torch.Tensor, queries: torch.Tensor,
-    group: torch.Tensor, form: CosineForm, eps: float,
+    groups: RowGroups, form: CosineForm, eps: float,
 ) -> torch.Tensor:
     """``[B, N]``: cosine of ``queries [B, a]`` to ``x_gn = base_n + sum_kj g_gkj / sqrt(g_gk^T Q_nk g_gk + ϵ) V_nkj``
     (``quadratic Q [N, K, J, J]``, ``weighted V [N, K J, a]``, ``gate [G, K, J]``, ``base [N, a]``),
-    ``g = group[b]`` the row's relation group. Fused, chunked over the entities: every
-    intermediate of a chunk (``[n, G, K J]`` coefficients, ``[n, G, a]`` outputs) stays in cache."""
+    ``g`` the row's relation group in ``groups``. Fused: the ``[n, G, K J]`` coefficients of a chunk
+    of entities stay in cache, and the rows meet their group's outputs in one padded ``bmm`` per
+    chunk of groups (no ``[N, B, a]`` gather)."""
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in (quadratic, weighted, gate, base, queries))
-    return _GatedAttentionCosine.apply(quadratic, weighted, gate, base, queries, group, form, eps, keep)
+    return _GatedAttentionCosine.apply(quadratic, weighted, gate, base, queries, groups, form, eps, keep)
 
 
 class _GatedAttentionCosine(torch.autograd.Function):
-    """Forward and backward of :func:`gated_cosine`, a chunk of entities at a time; keeps the
-    inverse standard deviations ``[N, G, K]`` and the outputs ``x [N, G, a]`` for backward."""
+    """Forward and backward of :func:`gated_cosine`: the outputs ``x [N, G, a]`` a chunk of
+    entities at a time, then every row against its group's outputs; keeps the inverse standard
+    deviations ``[N, G, K]`` and the outputs for backward."""
 
     @staticmethod
     def forward(
         ctx: Any, quadratic: torch.Tensor, weighted: torch.Tensor, gate: torch.Tensor, base: torch.Tensor,
-        queries: torch.Tensor, group: torch.Tensor, form: CosineForm, eps: float, keep: bool,
+        queries: torch.Tensor, groups: RowGroups, form: CosineForm, eps: float, keep: bool,
     ) -> torch.Tensor:
         entities, slots, tokens, _ = quadratic.shape
         flat = quadratic.reshape(entities, slots, tokens * tokens)  # [N, K, J J]
         pairs = (gate.unsqueeze(-1) * gate.unsqueeze(-2)).flatten(2).permute(1, 2, 0).contiguous()  # [K, J J, G]
-        query_norms = torch.linalg.vector_norm(queries, dim=-1)  # [B]
-        sim = queries.new_empty(len(queries), entities)
-        inverses, outputs = [], []
+        inverse = queries.new_empty(entities, len(gate), slots)  # [N, G, K]
+        output = queries.new_empty(entities, len(gate), queries.shape[1])  # [N, G, a]
         for part in _entity_chunks(entities, gate):
-            inverse = torch.rsqrt(torch.bmm(flat[part].transpose(0, 1), pairs).clamp_min_(0).add_(eps)).permute(1, 2, 0)  # [n, G, K]
-            coefficients = (inverse.unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
-            output = torch.baddbmm(base[part].unsqueeze(1), coefficients, weighted[part])  # [n, G, a]
-            rows = output[:, group]  # [n, B, a]
-            norms = torch.linalg.vector_norm(output, dim=-1)[:, group]  # [n, B]
-            sim[:, part] = ((rows * queries).sum(-1) / (norms * query_norms + form.delta)).T
-            if keep:
-                inverses.append(inverse)
-                outputs.append(output)
-        ctx.form, ctx.chunks = form, (inverses, outputs)
-        ctx.save_for_backward(flat, weighted, gate, pairs, queries, group, query_norms, sim)
+            inverse[part] = torch.bmm(flat[part].transpose(0, 1), pairs).clamp_min_(0).add_(eps).rsqrt_().permute(1, 2, 0)
+            coefficients = (inverse[part].unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
+            torch.baddbmm(base[part].unsqueeze(1), coefficients, weighted[part], out=output[part])
+        query_norms = torch.linalg.vector_norm(queries, dim=-1)  # [B]
+        by_group = output.transpose(0, 1)  # [G, N, a]
+        norms = torch.linalg.vector_norm(by_group, dim=-1)  # [G, N]
+        sim = queries.new_empty(len(queries), entities)
+        for chunk in groups.chunks:
+            dots = chunk.dots(by_group[chunk.first : chunk.last], chunk.query_block(queries))  # [m, N]
+            sim[chunk.rows] = dots / (query_norms[chunk.rows].unsqueeze(1) * norms[chunk.first : chunk.last][chunk.local] + form.delta)
+        ctx.form, ctx.groups = form, groups
+        if keep:
+            ctx.save_for_backward(flat, weighted, gate, pairs, queries, query_norms, sim, inverse, output, norms)
         return sim
 
     @staticmethod
     def backward(ctx: Any, grad_sim: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, weighted, gate, pairs, queries, group, query_norms, sim = ctx.saved_tensors
+        flat, weighted, gate, pairs, queries, query_norms, sim, inverse, output, norms = ctx.saved_tensors
         form: CosineForm = ctx.form
+        groups: RowGroups = ctx.groups
         entities, slots, _ = flat.shape
+        by_group = output.transpose(0, 1)  # [G, N, a]
+        grad_by_group, grad_norms = torch.empty_like(by_group), torch.zeros_like(norms)
+        grad_queries, grad_query_norms = torch.zeros_like(queries), torch.zeros_like(query_norms)
+        for chunk in groups.chunks:
+            span = slice(chunk.first, chunk.last)
+            row_norms, candidate_norms = query_norms[chunk.rows].unsqueeze(1), norms[span][chunk.local]  # [m, 1], [m, N]
+            grad_dots, grad_denominator = cosine_backward(grad_sim[chunk.rows], sim[chunk.rows], row_norms, candidate_norms, form)
+            grad_query_norms[chunk.rows] = (grad_denominator * candidate_norms).sum(1)
+            grad_by_group[span], grad_queries[chunk.rows] = chunk.dots_backward(grad_dots, by_group[span], chunk.query_block(queries))
+            grad_norms[span].index_add_(0, chunk.local, grad_denominator * row_norms)
+        grad_output = grad_by_group.add_(norm_gradient(by_group, norms, grad_norms)).transpose(0, 1).contiguous()  # [N, G, a]
+        grad_base = grad_output.sum(1)
         grad_flat, grad_weighted = torch.empty_like(flat), torch.empty_like(weighted)
         grad_gate, grad_pairs = torch.zeros_like(gate), torch.zeros_like(pairs)  # [G, K, J], [K, J J, G]
-        grad_base = queries.new_empty(entities, queries.shape[1])
-        grad_queries, grad_query_norms = torch.zeros_like(queries), torch.zeros_like(query_norms)
-        for part, inverse, output in zip(_entity_chunks(entities, gate), *ctx.chunks):
-            rows_grad = grad_sim[:, part].T  # [n, B]
-            norms_all = torch.linalg.vector_norm(output, dim=-1)  # [n, G]
-            norms = norms_all[:, group]
-            grad_dots, grad_denominator = cosine_backward(rows_grad, sim[:, part].T, query_norms, norms, form)
-            grad_query_norms += (grad_denominator * norms).sum(0)
-            rows = output[:, group]  # [n, B, a]
-            grad_queries += (rows * grad_dots.unsqueeze(-1)).sum(0)
-            grad_output = torch.zeros_like(output).index_add_(1, group, grad_dots.unsqueeze(-1) * queries)  # [n, G, a]
-            grad_norms = torch.zeros_like(norms_all).index_add_(1, group, grad_denominator * query_norms)
-            grad_output += norm_gradient(output, norms_all, grad_norms)
-            grad_base[part] = grad_output.sum(1)
-            coefficients = (inverse.unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
-            torch.bmm(coefficients.transpose(1, 2), grad_output, out=grad_weighted[part])
-            grad_coefficients = torch.bmm(grad_output, weighted[part].transpose(1, 2)).view(*inverse.shape, -1)  # [n, G, K, J]
-            grad_gate += (grad_coefficients * inverse.unsqueeze(-1)).sum(0)
-            grad_variance = (grad_coefficients * gate).sum(-1).mul_(inverse.pow(3)).mul_(-0.5)  # d (v + ϵ)^-1/2 / dv
+        for part in _entity_chunks(entities, gate):
+            part_inverse, part_grad = inverse[part], grad_output[part]
+            coefficients = (part_inverse.unsqueeze(-1) * gate).flatten(2)  # [n, G, K J]
+            torch.bmm(coefficients.transpose(1, 2), part_grad, out=grad_weighted[part])
+            grad_coefficients = torch.bmm(part_grad, weighted[part].transpose(1, 2)).view(*part_inverse.shape, -1)  # [n, G, K, J]
+            grad_gate += (grad_coefficients * part_inverse.unsqueeze(-1)).sum(0)
+            grad_variance = (grad_coefficients * gate).sum(-1).mul_(part_inverse.pow(3)).mul_(-0.5)  # d (v + ϵ)^-1/2 / dv
             by_slot = grad_variance.permute(2, 0, 1)  # [K, n, G]; v > 0 (a Schur product of PSD forms), clamp inactive
             grad_flat[part] = torch.bmm(by_slot, pairs.transpose(1, 2)).transpose(0, 1)
             grad_pairs.baddbmm_(flat[part].transpose(0, 1).transpose(1, 2), by_slot)
         square = grad_pairs.permute(2, 0, 1).unflatten(-1, (gate.shape[-1], gate.shape[-1]))  # [G, K, J, J]
         grad_gate += ((square + square.transpose(-1, -2)) * gate.unsqueeze(-2)).sum(-1)
         grad_queries += norm_gradient(queries, query_norms, grad_query_norms)
-        ctx.chunks = None
         return grad_flat.view(entities, slots, gate.shape[-1], -1), grad_weighted, grad_gate, grad_base, grad_queries, None, None, None, None
 
 

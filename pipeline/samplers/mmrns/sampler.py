@@ -108,7 +108,7 @@ from pipeline.samplers.known_positives import KnownPositives
 from pipeline.samplers.mmrns.contrastive import WEIGHTS, contrastive_loss, contrastive_weights
 from pipeline.samplers.mmrns.draws import LOG_MASK, Draws, StraightThroughSelect, gumbel_noise, gumbel_top_k, straight_through_draws
 from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, grouped_cosine, relation_groups
-from pipeline.samplers.mmrns.kca import CrossModalAttention
+from pipeline.samplers.mmrns.kca import CrossModalAttention, Encoded
 from pipeline.samplers.mmrns.structure import StructuralGate
 
 MODALITIES = ("structure", "text", "image")
@@ -156,6 +156,14 @@ class _StepContext:
     known: torch.Tensor  # [B, P] bool: known TRAIN answer of the row's query (or the row's own entity)
     own: torch.Tensor  # [B, P] bool: the candidate is the row's own positive entity
     draws: Draws
+
+
+@dataclass
+class _CandidateEncoding:
+    """The pre-sample's relation-free KCA encode, shared by the :meth:`MMRNSSampler.similarities`
+    calls of one step over different rows."""
+
+    encoded: Encoded | None = None
 
 
 @SAMPLERS.register("mmrns")
@@ -288,9 +296,13 @@ class MMRNSSampler(NegativeSampler):
 
     # -- representations and similarities ------------------------------------------------
     def similarities(
-        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel
+        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel,
+        shared: _CandidateEncoding | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Eq. 8 per active modality: ``(sim [B, P], valid [B, P])`` of each candidate to the row's positive."""
+        """Eq. 8 per active modality: ``(sim [B, P], valid [B, P])`` of each candidate to the row's positive.
+
+        ``shared``: holds the candidates' relation-free KCA encode between calls over the same
+        candidates (filled by the first call, reused by the next)."""
         own = torch.where(corrupt_head, positives[:, 0], positives[:, 2])  # [B]
         if self.uses_relation:
             relation_ids, groups = relation_groups(positives[:, 1], self.groups_per_chunk)  # [G], rows by group
@@ -313,7 +325,7 @@ class MMRNSSampler(NegativeSampler):
                 result["structure"] = (sim, torch.ones_like(sim, dtype=torch.bool))
         wanted = {m: m in self.modalities for m in ("text", "image")}
         if any(wanted.values()):
-            sims = self._multimodal(candidates, own, gates_for, row_relations, groups, **wanted)
+            sims = self._multimodal(candidates, own, gates_for, row_relations, groups, shared or _CandidateEncoding(), **wanted)
             for modality, mask in (("text", self.text_mask), ("image", self.visual_mask)):
                 if sims[modality] is not None:
                     valid = mask[own].unsqueeze(1) & mask[candidates].unsqueeze(0)  # [B, P]
@@ -327,23 +339,34 @@ class MMRNSSampler(NegativeSampler):
         self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel,
         rows: torch.Tensor,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`similarities` of every row, differentiable only in ``rows [B]`` (bool)."""
+        """:meth:`similarities` of every row, differentiable only in ``rows [B]`` (bool): the
+        candidates are encoded once (with autograd), the other rows' cosines are computed without."""
+        if not (torch.is_grad_enabled() and bool(rows.any())):
+            with torch.no_grad():
+                return self.similarities(positives, candidates, corrupt_head, model)
+        index, rest = rows.nonzero().squeeze(1), (~rows).nonzero().squeeze(1)
+        shared = _CandidateEncoding()
+        result = self.similarities(positives[index], candidates, corrupt_head[index], model, shared)
+        if len(rest) == 0:
+            return result
         with torch.no_grad():
-            result = self.similarities(positives, candidates, corrupt_head, model)
-        if torch.is_grad_enabled() and bool(rows.any()):
-            index = rows.nonzero().squeeze(1)
-            some = self.similarities(positives[index], candidates, corrupt_head[index], model)
-            result = {name: (sim.index_put((index,), some[name][0]), valid) for name, (sim, valid) in result.items()}
-        return result
+            others = self.similarities(positives[rest], candidates, corrupt_head[rest], model, shared)
+        merged = {}
+        for name, (sim, valid) in result.items():
+            other_sim, other_valid = others[name]
+            full_sim = other_sim.new_empty(len(rows), other_sim.shape[1]).index_put_((rest,), other_sim).index_put((index,), sim)
+            full_valid = other_valid.new_empty(len(rows), other_valid.shape[1]).index_put_((rest,), other_valid).index_put_((index,), valid)
+            merged[name] = (full_sim, full_valid)
+        return merged
 
     def _multimodal(
         self, candidates: torch.Tensor, own: torch.Tensor, relations: torch.Tensor | None, row_relations: torch.Tensor | None,
-        groups: RowGroups, *, text: bool, image: bool,
+        groups: RowGroups, shared: _CandidateEncoding, *, text: bool, image: bool,
     ) -> dict[str, torch.Tensor | None]:
         """Eq. 8 ``[B, P]`` for ``image`` and ``text`` (None where switched off): KCA of the candidates
         under each row's relation against KCA of the row's own entity under it."""
-        entities = torch.cat([candidates, own])
-        visual = self.visual_features[entities].float()  # [P + B, Ti, D_i]
+        entities = own if shared.encoded is not None else torch.cat([candidates, own])
+        visual = self.visual_features[entities].float()  # [P + B, Ti, D_i] (or [B, ...] with the candidates shared)
         words = self.text_features[entities].float()  # [P + B, Tt, D_t]
         if self.kca is None:  # no_kca: one Linear of the token-averaged features, relation-free
             result = {}
@@ -352,7 +375,11 @@ class MMRNSSampler(NegativeSampler):
                 result[name] = None if pooled_own is None else grouped_cosine(pooled_candidates.unsqueeze(0), pooled_own, groups, self.cosine_form)
             return result
         with record_function("mmrns.encode"):
-            encoded_candidates, encoded_own = self.kca.encode(visual, words).split(len(candidates))
+            if shared.encoded is None:  # one encode (one backward node) for candidates and own entities
+                shared.encoded, encoded_own = self.kca.encode(visual, words).split(len(candidates))
+            else:
+                encoded_own = self.kca.encode(visual, words)
+            encoded_candidates = shared.encoded
         with record_function("mmrns.gated"):
             own_image, own_text = self.kca(
                 encoded_own, self.kca.gates(row_relations), paired=True, visual=image, text=text,
@@ -412,7 +439,7 @@ class MMRNSSampler(NegativeSampler):
 
         own_entity = torch.where(corrupt_head, positives[:, 0], positives[:, 2])
         own = candidates.unsqueeze(0) == own_entity.unsqueeze(1)  # [B, P]
-        known = self.known_positives.corruptions_known(positives, candidates.expand(batch, -1), corrupt_head) | own
+        known = self.known_positives.answers_among(positives, candidates, corrupt_head) | own
         if straight_through or self.faithful:
             similarities = self.similarities(positives, candidates, corrupt_head, model)
         else:  # only rows with a contrastive positive give the sampler a gradient: the rest without autograd

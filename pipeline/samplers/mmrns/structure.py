@@ -82,7 +82,7 @@ class _GatedStructureCosine(torch.autograd.Function):
             gate = torch.addmm(bias, hidden.flatten(0, 1), weight.T).view(len(hidden), len(table), -1).sigmoid_()  # [g, P, d]
             candidates = gate * table
             norms = torch.linalg.vector_norm(candidates, dim=-1)  # [g, P]
-            dots = chunk.dots(candidates, queries)  # [m, P]
+            dots = chunk.dots(candidates, chunk.query_block(queries))  # [m, P]
             sim[chunk.rows] = dots / (query_norms[chunk.rows].unsqueeze(1) * norms[chunk.local] + form.delta)
             if keep:  # for backward; a no-grad forward holds one chunk at a time
                 saved.append((hidden, gate, norms))
@@ -109,7 +109,7 @@ class _GatedStructureCosine(torch.autograd.Function):
             grad_query_norms[chunk.rows] = (grad_denominator * norms[chunk.local]).sum(1)
             grad_norms = torch.zeros_like(norms).index_add_(0, chunk.local, grad_denominator * row_norms)  # [g, P]
             candidates = gate * table
-            grad_candidates, grad_queries[chunk.rows] = chunk.dots_backward(grad_dots, candidates, queries)
+            grad_candidates, grad_queries[chunk.rows] = chunk.dots_backward(grad_dots, candidates, chunk.query_block(queries))
             grad_candidates += norm_gradient(candidates, norms, grad_norms)  # [g, P, d]
             grad_table += (grad_candidates * gate).sum(0)
             grad_gate = torch.ops.aten.sigmoid_backward(grad_candidates.mul_(table), gate).flatten(0, 1)  # [g P, d]
