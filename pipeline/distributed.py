@@ -120,14 +120,14 @@ def shard(world: World, batch_size: int) -> slice:
 
 
 # -- tensors and trees over the wire ------------------------------------------------------
-def _map_tensors(tree: Any, function: Callable[[torch.Tensor], Any]) -> Any:
-    """``tree`` (dicts, lists, tuples) with every tensor leaf replaced by ``function(leaf)``."""
-    if isinstance(tree, torch.Tensor):
+def _map_leaves(tree: Any, kind: type, function: Callable[[Any], Any]) -> Any:
+    """``tree`` (dicts, lists, tuples) with every leaf of type ``kind`` replaced by ``function(leaf)``."""
+    if isinstance(tree, kind):
         return function(tree)
     if isinstance(tree, dict):
-        return {key: _map_tensors(value, function) for key, value in tree.items()}
+        return {key: _map_leaves(value, kind, function) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(value, function) for value in tree)
+        return type(tree)(_map_leaves(value, kind, function) for value in tree)
     return tree
 
 
@@ -163,46 +163,25 @@ def broadcast_tree(world: World, tree: Any) -> Any:
         tensors.append(tensor.detach().cpu().contiguous())
         return _Slot(len(tensors) - 1, tuple(tensor.shape), tensor.dtype)
 
-    holder = [_map_tensors(tree, slot) if world.is_main else None]
+    holder = [_map_leaves(tree, torch.Tensor, slot) if world.is_main else None]
     with world.collective("sharing rank 0's checkpoint"):
         dist.broadcast_object_list(holder, src=0, device=_send_device(world))
         skeleton = holder[0]
         if not world.is_main:
             slots: list[_Slot] = []
-            _collect_slots(skeleton, slots)
+            _map_leaves(skeleton, _Slot, slots.append)
             tensors = [torch.empty(s.shape, dtype=s.dtype) for s in sorted(slots, key=lambda s: s.index)]
         for tensor in tensors:
             if tensor.numel():
                 on_wire = _wire(tensor).to(_send_device(world))
                 dist.broadcast(on_wire, src=0)
                 _wire(tensor).copy_(on_wire)
-    return _fill_slots(skeleton, tensors)
-
-
-def _collect_slots(tree: Any, slots: list[_Slot]) -> None:
-    if isinstance(tree, _Slot):
-        slots.append(tree)
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            _collect_slots(value, slots)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            _collect_slots(value, slots)
-
-
-def _fill_slots(tree: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(tree, _Slot):
-        return tensors[tree.index]
-    if isinstance(tree, dict):
-        return {key: _fill_slots(value, tensors) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_fill_slots(value, tensors) for value in tree)
-    return tree
+    return _map_leaves(skeleton, _Slot, lambda s: tensors[s.index])
 
 
 def gather_to_main(world: World, tree: Any) -> list[Any] | None:
     """Every rank's ``tree`` (tensors moved to the CPU), in rank order, on rank 0; None elsewhere."""
-    tree = _map_tensors(tree, lambda tensor: tensor.detach().cpu())
+    tree = _map_leaves(tree, torch.Tensor, lambda tensor: tensor.detach().cpu())
     if world.size == 1:
         return [tree]
     gathered: list[Any] | None = [None] * world.size if world.is_main else None
@@ -221,17 +200,19 @@ def broadcast_parameters(world: World, *modules: torch.nn.Module) -> None:
                 dist.broadcast(_wire(parameter.data), src=0)
 
 
-def all_gather_rows(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_rows(world: World, tensor: torch.Tensor, lengths: list[int] | None = None) -> list[torch.Tensor]:
     """Every rank's ``tensor [n_r, ...]`` (the row counts ``n_r`` may differ; the trailing
-    shape and dtype must not), in rank order, on the device of ``tensor``."""
+    shape and dtype must not), in rank order, on the device of ``tensor``. ``lengths``: the
+    ``n_r`` when every rank knows them already (one collective instead of two)."""
     if world.size == 1:
         return [tensor]
     device, send = tensor.device, _send_device(world)
     with world.collective("gathering rows from every rank"):
-        count = torch.tensor([len(tensor)], device=send)
-        counts = [torch.empty_like(count) for _ in range(world.size)]
-        dist.all_gather(counts, count)
-        lengths = [int(c) for c in counts]
+        if lengths is None:
+            count = torch.tensor([len(tensor)], device=send)
+            counts = [torch.empty_like(count) for _ in range(world.size)]
+            dist.all_gather(counts, count)
+            lengths = [int(c) for c in counts]
         padded = torch.zeros((max(lengths), *tensor.shape[1:]), dtype=tensor.dtype, device=send)
         padded[: len(tensor)] = tensor
         parts = [torch.empty_like(padded) for _ in range(world.size)]
@@ -309,16 +290,20 @@ class GradientSync:
 
     def _gather_sparse(self, parameters: list[torch.Tensor], counts: torch.Tensor) -> None:
         """Gather every rank's touched rows of ``parameters`` (``counts [N, k]`` rows per rank and
-        parameter; all of one dtype) and densify them in rank order."""
-        empty = [p.grad is None for p in parameters]
-        indices = torch.cat([p.new_empty(0, dtype=torch.long) if none else p.grad._indices()[0] for p, none in zip(parameters, empty)])
-        values = torch.cat([p.new_empty(0) if none else p.grad._values().reshape(-1) for p, none in zip(parameters, empty)])
-        all_indices, all_values = all_gather_rows(self.world, indices), all_gather_rows(self.world, values)
-        widths = [p[0].numel() for p in parameters]
-        for rank in range(self.world.size):  # split each rank's part by parameter
-            all_indices[rank] = all_indices[rank].split(counts[rank].tolist())
-            all_values[rank] = all_values[rank].split([int(c) * w for c, w in zip(counts[rank], widths)])
+        parameter; all of one dtype) and densify them in rank order. One collective: each rank
+        sends its row ids (int64) and values as one byte string."""
+        dtype, widths = parameters[0].dtype, [p[0].numel() for p in parameters]
+        indices = [p.new_empty(0, dtype=torch.long) if p.grad is None else p.grad._indices()[0] for p in parameters]
+        values = [p.new_empty(0) if p.grad is None else p.grad._values().reshape(-1) for p in parameters]
+        payload = torch.cat([part.contiguous().view(torch.uint8) for part in (*indices, *values)])
+        rows_per_rank = counts.sum(1).tolist()  # [N]
+        value_bytes = [sum(int(c) * w for c, w in zip(row, widths)) * parameters[0].element_size() for row in counts]
+        parts = all_gather_rows(self.world, payload, [8 * rows + size for rows, size in zip(rows_per_rank, value_bytes)])
+        ids, vals = [], []
+        for rank, part in enumerate(parts):  # each rank's rows and values, split by parameter
+            ids.append(part[: 8 * rows_per_rank[rank]].view(torch.long).split(counts[rank].tolist()))
+            vals.append(part[8 * rows_per_rank[rank] :].view(dtype).split([int(c) * w for c, w in zip(counts[rank], widths)]))
         for k, parameter in enumerate(parameters):
-            rows = torch.cat([all_indices[rank][k] for rank in range(self.world.size)])
-            row_values = torch.cat([all_values[rank][k] for rank in range(self.world.size)]).view(-1, *parameter.shape[1:])
+            rows = torch.cat([ids[rank][k] for rank in range(self.world.size)])
+            row_values = torch.cat([vals[rank][k] for rank in range(self.world.size)]).view(-1, *parameter.shape[1:])
             self.densifier.densify(parameter, rows, row_values)
