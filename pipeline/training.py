@@ -346,7 +346,7 @@ class TrainStep:
     """One optimisation step of this rank of ``world`` (one process by default): the loop body
     of :func:`fit`, which benchmarks time alone.
 
-    ``step(batch [B, 3], step)`` takes the global batch, trains on this rank's rows (all of
+    Called with ``(batch [B, 3], step)``: takes the global batch, trains on this rank's rows (all of
     them with one process), back-propagates ``loss / N``, synchronises the gradients
     (:class:`~pipeline.distributed.GradientSync`) and, when the global loss is finite, takes
     the Adam step of :func:`build_optimizer`. Returns the global batch's loss.

@@ -112,11 +112,12 @@ def train(
     from pipeline.training import resolve_device
 
     config = check_train_section(load_params(params, "train"))
-    if config["nproc"] > 1 and not under_torchrun():
+    sampler_config = check_sampler_section(load_params(params, "sampler"))
+    if config["nproc"] > 1 and not under_torchrun():  # the ranks get the arguments as given
         options = {"data": data, "out": out, "metrics": metrics, "report": report, "plots": plots, "features": features, "params": params}
+        resolve_dataset(dataset, params, data)  # a bad name fails here, once
         return relaunch(config["nproc"], stage_arguments("train", [dataset], options), config["threads"])
     dataset, data = resolve_dataset(dataset, params, data)
-    sampler_config = check_sampler_section(load_params(params, "sampler"))
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     world = join_world(resolve_device(config["device"]), config["dist_timeout"])
