@@ -59,7 +59,7 @@ def straight_through_draws(logits: torch.Tensor, eligible: torch.Tensor, noise: 
     rows = torch.arange(batch, device=logits.device).expand(len(later), -1)  # [pairs, B]
     mask = (LOG_MASK * drawn[:, earlier].T).to(scores.dtype)  # ln(1e-38) at draw j's column for the later draw k
     scores.index_put_((later.unsqueeze(1).expand_as(rows), rows, positions[:, earlier].T), mask, accumulate=True)
-    soft = torch.softmax(scores / GUMBEL_TAU, dim=-1).permute(1, 0, 2)  # [B, n, P]
+    soft = torch.softmax(scores if GUMBEL_TAU == 1 else scores / GUMBEL_TAU, dim=-1).permute(1, 0, 2)  # [B, n, P]
     return Draws(positions, drawn, soft)
 
 
