@@ -192,7 +192,8 @@ def _train(dataset, data, out, metrics, report, plots, features, config, sampler
     write_csv(plots / "train_loss.csv", result.losses, ["step", "loss"])
     plot_training_curves(plots / "train_curve.png", result.history, result.losses)
     write_json(metrics or Path("metrics") / dataset / "train.json",
-               {"steps": result.step, "best_step": result.best.get("step"), "train_seconds": round(result.train_seconds, 2)})
+               {"steps": result.step, "best_step": result.best.get("step"), "valid_mrr": result.best.get("mrr"),
+                "train_seconds": round(result.train_seconds, 2)})
     write_json(
         report or Path("reports") / dataset / "train.json",
         {

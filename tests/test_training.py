@@ -243,9 +243,10 @@ def test_train_stage_outputs_resume_and_fresh_start(tmp_path):
     result = run_stage(tmp_path)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert set(metrics) == {"steps", "best_step", "train_seconds"} and metrics["steps"] == 30  # headline only
+    assert set(metrics) == {"steps", "best_step", "valid_mrr", "train_seconds"} and metrics["steps"] == 30  # headline only
     report = json.loads((tmp_path / "reports" / "train.json").read_text())
     assert report["model"] == "TransE" and report["best_step"] == metrics["best_step"] and 0 < report["valid"]["mrr"] <= 1
+    assert metrics["valid_mrr"] == report["valid"]["mrr"]  # the model selection criterion, for `dvc exp show`
     curve = pd.read_csv(tmp_path / "plots" / "train_curve.csv")
     assert list(curve.columns) == ["step", "loss", "valid_mrr", "valid_hits@10"] and list(curve["step"]) == [10, 20, 30]
     assert list(pd.read_csv(tmp_path / "plots" / "train_loss.csv")["step"]) == [5, 10, 15, 20, 25, 30]
