@@ -50,9 +50,9 @@ def synthetic_show() -> list:
     eps3 = figures.Point("fig5", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.eps0", 3)
     revs.append(experiment("f5-seed2", params_of(eps3, seed=2), {"mrr": 0.31, "hits@10": 0.47}, "2026-01-06"))
     revs.append(experiment("f5-seed2-old", params_of(eps3, seed=2), {"mrr": 0.10, "hits@10": 0.10}, "2025-12-01"))  # older: ignored
-    # a variant run (kgc_gradient none) matches no point even though its eps0/beta/ablation are the paper's
+    # a variant run (another kgc_gradient) matches no point even though its eps0/beta/ablation are the defaults
     full = figures.Point("fig6", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.ablation", "none")
-    revs.append(experiment("variant", params_of(full, **{"sampler.mmrns.kgc_gradient": "none"}), {"mrr": 0.99, "hits@10": 0.99}, "2026-02-01"))
+    revs.append(experiment("variant", params_of(full, **{"sampler.mmrns.kgc_gradient": "maximise"}), {"mrr": 0.99, "hits@10": 0.99}, "2026-02-01"))
     for ablation, mrr in (("no_kca", 0.28), ("no_css", 0.27)):
         point = figures.Point("fig6", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.ablation", ablation)
         revs.append(experiment(f"f6-{ablation}", params_of(point), {"mrr": mrr, "hits@10": 0.40}, "2026-01-07"))
@@ -70,7 +70,7 @@ def test_grids_share_configurations_and_dvc_parses_every_queued_override(tmp_pat
 
     assert len(figures.points("fig4")) == 2 * 7 * 8 and len(figures.points("fig5")) == 8 and len(figures.points("fig6")) == 8
     runs = figures.unique_runs(figures.points("fig5") + figures.points("fig6"), DEFAULTS)
-    assert len(runs) == 14  # eps0 1 = beta 0.005 = the full MMRNS of Fig. 6 on MKG-W: one run
+    assert len(runs) == 14  # default eps0 = default beta = the full MMRNS of Fig. 6 on MKG-W: one run
     for name, values in runs[:3] + runs[-2:] + figures.unique_runs(figures.points("fig4", ["kbgan"], ["DistMult"]), DEFAULTS)[:2]:
         arguments = figures.queue_arguments(name, values, 2, ["train.steps=500"])
         assert arguments[:5] == ["exp", "run", "--queue", "--name", f"{name}-s2"]
@@ -92,9 +92,11 @@ def test_collect_matches_params_held_keys_and_seeds():
     assert eps[3].mean["mrr"] == pytest.approx(30.0) and eps[3].std["mrr"] == pytest.approx(1.414, abs=1e-3)  # seeds 42 (29) and 2 (31)
     assert eps[3].experiments == ("f5-a1", "f5-seed2")
     beta = {p.value: r for p, r in results.items() if p.parameter == "sampler.mmrns.beta"}
-    assert set(beta) == {0.005} and beta[0.005].mean["mrr"] == pytest.approx(30.0)  # the eps0 = 1 run is also the default beta
+    default_eps0, default_beta = DEFAULTS["sampler.mmrns.eps0"], DEFAULTS["sampler.mmrns.beta"]
+    default_mrr = 30.0 - figures.FIG5_EPS0.index(default_eps0)  # the default-eps0 run is also the default beta and full MMRNS
+    assert set(beta) == {default_beta} and beta[default_beta].mean["mrr"] == pytest.approx(default_mrr)
     ablations = {(p.cell.dataset, p.value): r.mean["mrr"] for p, r in results.items() if p.figure == "fig6"}
-    assert ablations == {("mkg-w", "none"): pytest.approx(30.0), ("mkg-w", "no_kca"): pytest.approx(28.0), ("mkg-w", "no_css"): pytest.approx(27.0)}
+    assert ablations == {("mkg-w", "none"): pytest.approx(default_mrr), ("mkg-w", "no_kca"): pytest.approx(28.0), ("mkg-w", "no_css"): pytest.approx(27.0)}
 
 
 def test_figures_command_renders_valid_pngs_and_reports_missing_runs(tmp_path):

@@ -276,7 +276,7 @@ def test_train_stage_with_mmrns_sampler_checkpoints_and_resumes(tmp_path):
     write_canonical(tmp_path / "data", small_graph())
     params = params_file()
     params["sampler"].update({"name": "mmrns"})
-    params["sampler"]["mmrns"].update({"presample_size": 10})
+    params["sampler"]["mmrns"].update({"presample_size": 10, "warm_start": 5})  # Uniform for 5 steps, MMRNS after
     base = dict(params)
 
     def run(steps: int):
