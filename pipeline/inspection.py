@@ -252,7 +252,7 @@ def kca_attention(sampler: MMRNSSampler, model: KGCModel, entities: list[int], r
         return None
     ids = torch.tensor(entities, device=sampler.text_features.device)
     with torch.no_grad():
-        encoded = sampler.kca.encode(sampler.visual_features[ids].float(), sampler.text_features[ids].float())
+        encoded = sampler.encode(ids)
         cross = encoded.cross  # [N, Ti, Tt]
         sentences = cross.softmax(-1).mean(1)  # branch 4, [N, Tt]
         regions = cross.transpose(1, 2).softmax(-1).mean(1)  # branch 1, [N, Ti]

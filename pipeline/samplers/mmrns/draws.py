@@ -5,7 +5,7 @@ Shapes: ``B`` rows, ``P`` pre-sampled candidates, ``n`` draws per row.
 - :func:`straight_through_draws` (the published sampler): ``n`` masked Gumbel-softmax draws
   without replacement, each with its own noise ``g_k [B, P]``. Draw ``k`` takes
   ``argmax(log p + g_k)`` over the eligible candidates not drawn before, and its relaxation is
-  ``y_k = softmax((log p + ln(1e-38)·[drawn before k] + g_k) / τ)``. Vectorised: the ``k``-th
+  ``y_k = softmax(log p + ln(1e-38)·[drawn before k] + g_k)`` (temperature τ = 1). Vectorised: the ``k``-th
   choice is among the ``n`` best of its own perturbed logits (at most ``k - 1`` of them are
   taken), so one ``topk`` over ``[n, B, P]`` and a loop over ``n`` on ``[B, n]`` give exactly
   the sequential draws; the ``y_k`` come from one softmax over ``[n, B, P]``.
@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 LOG_MASK = math.log(1e-38)  # eq. 13: log of the mask value at known positives and drawn columns
-GUMBEL_TAU = 1.0
 
 
 @dataclass
@@ -59,7 +58,7 @@ def straight_through_draws(logits: torch.Tensor, eligible: torch.Tensor, noise: 
     rows = torch.arange(batch, device=logits.device).expand(len(later), -1)  # [pairs, B]
     mask = (LOG_MASK * drawn[:, earlier].T).to(scores.dtype)  # ln(1e-38) at draw j's column for the later draw k
     scores.index_put_((later.unsqueeze(1).expand_as(rows), rows, positions[:, earlier].T), mask, accumulate=True)
-    soft = torch.softmax(scores if GUMBEL_TAU == 1 else scores / GUMBEL_TAU, dim=-1).permute(1, 0, 2)  # [B, n, P]
+    soft = torch.softmax(scores, dim=-1).permute(1, 0, 2)  # [B, n, P]
     return Draws(positions, drawn, soft)
 
 

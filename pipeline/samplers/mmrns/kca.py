@@ -104,18 +104,14 @@ class CrossModalAttention(nn.Module):
         self.visual_output = nn.Linear(self.text_tokens * attention_dim, attention_dim)
         self.text_output = nn.Linear(self.image_tokens * attention_dim, attention_dim)
 
-    def encode(self, visual: torch.Tensor, text: torch.Tensor, with_image: torch.Tensor | None = None) -> Encoded:
-        """Eqs. 1-2 and the per-entity factors, for ``visual [N, Ti, D_i]`` and ``text [N, Tt, D_t]``.
-
-        ``with_image [N]`` (bool): ``visual`` holds only the rows of these entities ``[M, Ti, D_i]``;
-        the others have all-zero image features, whose projection is the bias (not computed)."""
-        if with_image is None:
-            projected = self.visual_projection(visual)  # [N, Ti, a]
-        else:
-            bias = self.visual_projection.bias
-            projected = bias.expand(len(with_image), self.image_tokens, len(bias))
-            if len(visual):
-                projected = projected.index_put((with_image,), self.visual_projection(visual))
+    def encode(self, visual: torch.Tensor, text: torch.Tensor, with_image: torch.Tensor) -> Encoded:
+        """Eqs. 1-2 and the per-entity factors of ``N`` entities: ``text [N, Tt, D_t]``, and
+        ``visual [M, Ti, D_i]`` for the ``M`` entities of ``with_image [N]`` (bool) only; the others'
+        image features are zeros, whose projection is the bias (not computed)."""
+        bias = self.visual_projection.bias
+        projected = bias.expand(len(with_image), self.image_tokens, len(bias))  # [N, Ti, a]
+        if len(visual):
+            projected = projected.index_put((with_image,), self.visual_projection(visual))
         image = F.leaky_relu(projected, LEAKY_SLOPE)  # [N, Ti, a]
         words = F.leaky_relu(self.text_projection(text), LEAKY_SLOPE)  # [N, Tt, a]
         cross = image @ words.transpose(1, 2)  # [N, Ti, Tt]

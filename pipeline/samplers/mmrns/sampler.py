@@ -367,22 +367,19 @@ class MMRNSSampler(NegativeSampler):
     ) -> dict[str, torch.Tensor | None]:
         """Eq. 8 ``[B, P]`` for ``image`` and ``text`` (None where switched off): KCA of the candidates
         under each row's relation against KCA of the row's own entity under it."""
-        entities = own if shared.encoded is not None else torch.cat([candidates, own])  # [P + B] or [B]
-        with_image = self.visual_mask[entities]
-        visual = self.visual_features[entities[with_image]].float()  # [M, Ti, D_i]: the others are zeros
-        words = self.text_features[entities].float()  # [P + B, Tt, D_t]
         if self.kca is None:  # no_kca: one Linear of the token-averaged features, relation-free
+            entities = torch.cat([candidates, own])
+            visual, words = self.visual_features[entities].float(), self.text_features[entities].float()  # [P + B, T, D]
             result = {}
-            visual = self.visual_features[entities].float()
             for name, wanted, layer, values in (("image", image, self.visual_pooled, visual), ("text", text, self.text_pooled, words)):
                 pooled_candidates, pooled_own = layer(values.mean(1)).split([len(candidates), len(own)]) if wanted else (None, None)
                 result[name] = None if pooled_own is None else grouped_cosine(pooled_candidates.unsqueeze(0), pooled_own, groups, self.cosine_form)
             return result
         with record_function("mmrns.encode"):
             if shared.encoded is None:  # one encode (one backward node) for candidates and own entities
-                shared.encoded, encoded_own = self.kca.encode(visual, words, with_image).split(len(candidates))
+                shared.encoded, encoded_own = self.encode(torch.cat([candidates, own])).split(len(candidates))
             else:
-                encoded_own = self.kca.encode(visual, words, with_image)
+                encoded_own = self.encode(own)
             encoded_candidates = shared.encoded
         with record_function("mmrns.gated"):
             own_image, own_text = self.kca(
@@ -397,6 +394,13 @@ class MMRNSSampler(NegativeSampler):
                 encoded_candidates, self.kca.gates(relations), (own_image, own_text), groups, self.cosine_form
             )
         return {"image": sim_image, "text": sim_text}
+
+    def encode(self, entities: torch.Tensor) -> Encoded:
+        """KCA's relation-free part (eqs. 1-2) for ``entities [N]``, reading image features only
+        for the entities that have an image."""
+        with_image = self.visual_mask[entities]
+        visual = self.visual_features[entities[with_image]].float()  # [M, Ti, D_i]
+        return self.kca.encode(visual, self.text_features[entities].float(), with_image)
 
     @torch.no_grad()
     def _score_similarity(
