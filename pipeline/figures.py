@@ -15,9 +15,13 @@ vary (:data:`HELD`) stay at their params.yaml value ("default"), and an MMRNS po
 rest of ``sampler.mmrns`` at its params.yaml value (:func:`requirements`). :func:`collect` reads
 ``dvc exp show --json`` and gives each point the experiments whose params equal all of its
 overrides (an experiment made any other way counts too, so a Table 2 run is the default
-point of every curve); per ``train.seed`` the newest wins (one named by the recipe first), and a
-point run with several seeds shows mean and standard deviation. Metrics: test MRR and
-Hits@10 of ``metrics/<ds>/evaluate.json``, in percent.
+point of every curve) and whose training budget (:data:`BUDGET`) is the figure's: all points of
+a figure take runs of one budget, that of the runs off the default point (the swept values;
+the default point alone decides only when nothing else was run), and runs of several budgets
+there are an error naming them (choose one with ``given``, the ``--budget`` option), never
+averaged (:func:`figure_budget`). Per ``train.seed`` the newest wins (one named by the recipe
+first), and a point run with several seeds shows mean and standard deviation. Metrics: test
+MRR and Hits@10 of ``metrics/<ds>/evaluate.json``, in percent.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.errors import ConfigError
 from pipeline.table2 import ALL_SAMPLERS, SAMPLER_TITLES, Cell, _dotted, _records, override_arguments, overrides
 
 FIGURES = ("fig4", "fig5", "fig6")
@@ -86,14 +91,40 @@ def points(figure: str, samplers: Iterable[str] = ALL_SAMPLERS, models: Iterable
 
 #: Keys a figure varies; on every other figure's points they are held at the params.yaml value (and queued explicitly).
 HELD = ("train.dim", "train.lr", "sampler.mmrns.eps0", "sampler.mmrns.beta", "sampler.mmrns.ablation")
+#: The training budget (``--set`` at queue time): one value each over a figure's runs (:func:`figure_budget`);
+#: ``sampler.mmrns.warm_start`` bears on MMRNS runs only.
+BUDGET = ("train.steps", "train.valid_every", "train.patience", "sampler.mmrns.warm_start")
 
 
 def defaults_from(params: dict[str, Any]) -> dict[str, Any]:
     """The held values of a params.yaml mapping: ``train.dim``, ``train.lr`` and every key of ``sampler.mmrns``
-    (an MMRNS point must match the whole section but for its varied key, so a variant run never counts as the paper's setting)."""
+    but the budget's (an MMRNS point must match the whole section but for its varied key, so a variant run never
+    counts as the paper's setting)."""
     values = {key: _dotted(params, key) for key in ("train.dim", "train.lr")}
-    values.update({f"sampler.mmrns.{key}": value for key, value in ((params.get("sampler") or {}).get("mmrns") or {}).items()})
+    values.update({f"sampler.mmrns.{key}": value for key, value in ((params.get("sampler") or {}).get("mmrns") or {}).items()
+                   if f"sampler.mmrns.{key}" not in BUDGET})
     return values
+
+
+def budget_of(point: Point, params: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's values of the :data:`BUDGET` keys that bear on ``point`` (``None`` when absent)."""
+    return {key: _dotted(params, key) for key in BUDGET if not key.startswith("sampler.mmrns.") or point.cell.sampler == "mmrns"}
+
+
+def parse_budget(items: Iterable[str]) -> dict[str, int]:
+    """``KEY=VALUE`` items (integer values of :data:`BUDGET` keys) as a mapping; ConfigError otherwise."""
+    budget = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in BUDGET or not value.strip().isdigit():
+            raise ConfigError(f"--budget {item!r}: expected KEY=INTEGER with KEY one of {', '.join(BUDGET)}")
+        budget[key] = int(value)
+    return budget
+
+
+def describe(budget: dict[str, Any]) -> str:
+    """``train.steps=3000 train.valid_every=500 ...``."""
+    return " ".join(f"{key}={value}" for key, value in budget.items())
 
 
 def requirements(point: Point, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +141,7 @@ def unique_runs(chosen: list[Point], defaults: dict[str, Any]) -> list[tuple[str
     seen: dict[str, tuple[str, dict[str, Any]]] = {}
     for point in chosen:
         values = {key: value for key, value in requirements(point, defaults).items() if key in HELD or key in point.overrides()}
-        canonical = repr(sorted((key, float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for key, v in values.items()))
+        canonical = repr(sorted((key, _canonical(v)) for key, v in values.items()))
         seen.setdefault(canonical, (point.name(), values))
     return list(seen.values())
 
@@ -129,6 +160,11 @@ def queue_arguments(name: str, values: dict[str, Any], seed: int | None, extra: 
 
 
 # -- collecting -----------------------------------------------------------------------------
+def _canonical(value: Any) -> Any:
+    """``value`` with numbers as floats (5000 = 5e3), for sets and keys."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def _same(expected: Any, actual: Any) -> bool:
     if isinstance(expected, bool) or isinstance(actual, bool):
         return expected == actual
@@ -140,18 +176,31 @@ def _same(expected: Any, actual: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class Run:
+    """An experiment with test metrics whose params meet a point's :func:`requirements`."""
+
+    point: Point
+    name: str
+    seed: Any  # train.seed
+    priority: tuple  # (named by the recipe, timestamp): the greatest per seed counts
+    budget: dict[str, Any]  # :func:`budget_of`
+    metrics: dict[str, float]  # percent
+
+
+@dataclass(frozen=True)
 class Result:
-    """A point's metrics over its seeds (percent)."""
+    """A point's metrics over its seeds (percent) and the training budget of its runs."""
 
     mean: dict[str, float]
     std: dict[str, float]  # 0 with one seed
     experiments: tuple[str, ...]
+    budget: dict[str, Any]
 
 
-def collect(shown: Any, chosen: list[Point], defaults: dict[str, Any]) -> dict[Point, Result]:
-    """The result of each point of ``chosen`` found in ``dvc exp show --json`` output: experiments
-    whose params meet :func:`requirements` (see the module docstring)."""
-    by_seed: dict[Point, dict[Any, tuple[tuple, str, dict[str, float]]]] = {}
+def matches(shown: Any, chosen: list[Point], defaults: dict[str, Any]) -> list[Run]:
+    """Every pair of a point of ``chosen`` and an experiment of ``dvc exp show --json`` output with
+    test metrics whose params meet the point's :func:`requirements` (any budget)."""
+    runs = []
     for record in _records(shown):
         data = record["data"]
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
@@ -164,18 +213,56 @@ def collect(shown: Any, chosen: list[Point], defaults: dict[str, Any]) -> dict[P
         name = record["name"] or str(data.get("rev", ""))[:7]
         for point in chosen:
             if all(_same(value, _dotted(params, key) if key != "datasets" else datasets) for key, value in requirements(point, defaults).items()):
-                seed = _dotted(params, "train.seed")
-                priority = (str(name).startswith(point.name()), str(data.get("timestamp") or ""))
-                current = by_seed.setdefault(point, {}).get(seed)
-                if current is None or priority > current[0]:
-                    by_seed[point][seed] = (priority, name, {m: 100 * float(metrics[m]) for m in METRICS})
+                runs.append(Run(point, name, _dotted(params, "train.seed"), (str(name).startswith(point.name()), str(data.get("timestamp") or "")),
+                                budget_of(point, params), {m: 100 * float(metrics[m]) for m in METRICS}))
+    return runs
+
+
+def _fits(budget: dict[str, Any], chosen: dict[str, Any]) -> bool:
+    return all(_same(value, budget[key]) for key, value in chosen.items() if key in budget)
+
+
+def figure_budget(runs: list[Run], defaults: dict[str, Any], given: dict[str, int] | None = None) -> dict[str, Any]:
+    """The one budget of a figure's ``runs`` (:func:`matches`): the ``given`` values, then each other
+    :data:`BUDGET` key's value among the runs off the default point (the swept values), then among all
+    runs (keys no swept run has, e.g. when only the default point was run). A key with several values
+    there is a ConfigError naming the budgets found: runs of different budgets are never averaged."""
+    budget = dict(given or {})
+    swept = [run for run in runs if not _same(defaults.get(run.point.parameter), run.point.value)]
+    for group in (swept, runs):
+        fitting = [run for run in group if _fits(run.budget, budget)]
+        for key in BUDGET:
+            values = {_canonical(run.budget[key]): run.budget[key] for run in fitting if key in run.budget}
+            if len(values) > 1:
+                found: dict[str, list[str]] = {}
+                for run in fitting:
+                    found.setdefault(describe(run.budget), []).append(run.name)
+                listed = "; ".join(f"{text} ({len(names)} runs, e.g. {names[0]})" for text, names in found.items())
+                raise ConfigError(f"{fitting[0].point.figure}: its runs have {len(found)} training budgets: {listed}; "
+                                  f"plot one with --budget KEY=VALUE, e.g. --budget {key}={next(iter(values.values()))}")
+            if values:
+                budget[key] = next(iter(values.values()))
+    return budget
+
+
+def collect(shown: Any, chosen: list[Point], defaults: dict[str, Any], given: dict[str, int] | None = None) -> dict[Point, Result]:
+    """The result of each point of ``chosen`` (one figure's: they share a budget) found in ``dvc exp
+    show --json`` output: its :func:`matches` of the :func:`figure_budget` (see the module docstring)."""
+    runs = matches(shown, chosen, defaults)
+    budget = figure_budget(runs, defaults, given)
+    newest: dict[Point, dict[Any, Run]] = {}
+    for run in (run for run in runs if _fits(run.budget, budget)):
+        seeds = newest.setdefault(run.point, {})
+        if run.seed not in seeds or run.priority > seeds[run.seed].priority:
+            seeds[run.seed] = run
     results = {}
-    for point, seeds in by_seed.items():
-        runs = [values for _, _, values in seeds.values()]
+    for point, seeds in newest.items():
+        kept = list(seeds.values())
         results[point] = Result(
-            mean={m: statistics.fmean(r[m] for r in runs) for m in METRICS},
-            std={m: statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0 for m in METRICS},
-            experiments=tuple(sorted(name for _, name, _ in seeds.values())),
+            mean={m: statistics.fmean(run.metrics[m] for run in kept) for m in METRICS},
+            std={m: statistics.stdev(run.metrics[m] for run in kept) if len(kept) > 1 else 0.0 for m in METRICS},
+            experiments=tuple(sorted(run.name for run in kept)),
+            budget=kept[0].budget,
         )
     return results
 
@@ -303,16 +390,17 @@ def _save(figure, path: Path) -> Path:
 
 
 def render_csv(results: dict[Point, Result], chosen: list[Point]) -> str:
-    """The plotted numbers: one row per point (empty metrics when missing)."""
+    """The plotted numbers: one row per point (empty metrics when missing) with its runs' training budget."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["figure", "dataset", "model", "sampler", "parameter", "value", "mrr", "mrr_std", "hits@10", "hits@10_std", "seeds", "experiments"])
+    writer.writerow(["figure", "dataset", "model", "sampler", "parameter", "value", "mrr", "mrr_std", "hits@10", "hits@10_std", "seeds", "experiments",
+                     "budget"])
     for p in chosen:
         r = results.get(p)
-        numbers = ["", "", "", "", 0, ""] if r is None else [round(r.mean["mrr"], 2), round(r.std["mrr"], 2), round(r.mean["hits@10"], 2),
-                                                             round(r.std["hits@10"], 2), len(r.experiments), " ".join(r.experiments)]
+        numbers = ["", "", "", "", 0, "", ""] if r is None else [round(r.mean["mrr"], 2), round(r.std["mrr"], 2), round(r.mean["hits@10"], 2),
+                                                                 round(r.std["hits@10"], 2), len(r.experiments), " ".join(r.experiments), describe(r.budget)]
         writer.writerow([p.figure, p.cell.dataset, p.cell.model, p.cell.sampler, p.parameter, p.value, *numbers])
     return buffer.getvalue()

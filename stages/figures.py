@@ -3,7 +3,7 @@
 
     python -m stages figures-queue [--figure fig5 ...] [--sampler uniform ...] [--seeds 3] [--set train.threads=1] [--dry-run]
     dvc queue start -j 1
-    python -m stages figures        # -> plots/figures/fig4_transe.png, fig4_distmult.png, fig5.png, fig6.png, figures.csv
+    python -m stages figures [--budget train.steps=3000]   # -> plots/figures/fig4_transe.png, fig4_distmult.png, fig5.png, fig6.png, figures.csv
 
 The grids, the matching of experiments to points and the plots are in :mod:`pipeline.figures`.
 """
@@ -72,10 +72,14 @@ def figures(
     sampler: Optional[list[str]] = SAMPLER_OPTION,
     experiments: Optional[Path] = typer.Option(None, help="Saved `dvc exp show --json` output (default: run it now, all commits)."),
     out: Path = typer.Option(Path("plots/figures"), help="Directory of the PNGs and figures.csv."),
+    budget: Optional[list[str]] = typer.Option(None, "--budget", help="KEY=VALUE of the training budget to plot when runs of several "
+                                               "match a figure, e.g. train.steps=3000 (repeatable; default: the swept runs' one budget)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Render Fig. 4, 5 and 6 as PNGs from the experiments' test metrics (missing runs are listed
-    and left out of the plots; `dvc plots show` displays the PNGs)."""
+    and left out of the plots; `dvc plots show` displays the PNGs). Each figure plots runs of one
+    training budget (steps, validation, patience, MMRNS warm start): that of its swept runs, or
+    `--budget`; runs of several budgets are an error naming them, never averaged."""
     from pipeline import figures as module
     from pipeline.atomic import atomic_path
 
@@ -85,12 +89,14 @@ def figures(
     except json.JSONDecodeError as error:
         raise ConfigError(f"{experiments or 'dvc exp show --json'}: not JSON ({error})") from None
     defaults = module.defaults_from(load_params(params))
+    given = module.parse_budget(budget or [])
     every = []
     for name, points in selected_points(figure, sampler).items():
-        results = module.collect(shown, points, defaults)
+        results = module.collect(shown, points, defaults, given)
         written = module.RENDERERS[name](results, points, out)
         missing = [p for p in points if p not in results]
-        typer.echo(f"{name}: {len(points) - len(missing)} of {len(points)} points found -> {', '.join(map(str, written))}")
+        plotted = module.describe({key: value for result in results.values() for key, value in result.budget.items()})
+        typer.echo(f"{name}: {len(points) - len(missing)} of {len(points)} points found{f' at {plotted}' if plotted else ''} -> {', '.join(map(str, written))}")
         if missing:
             listed = ", ".join(p.name() for p in missing[:12]) + (f", ... ({len(missing) - 12} more)" if len(missing) > 12 else "")
             typer.echo(f"{name}: missing {len(missing)}: {listed}; queue them with `python -m stages figures-queue --figure {name}`")

@@ -1,6 +1,7 @@
 """Fig. 4/5/6: the grids and their queue commands (through DVC's own override parser), matching
-experiments of `dvc exp show --json` to points (held keys, seeds, newest per seed), and the
-`figures` command rendering valid PNGs from synthetic metrics with missing runs reported."""
+experiments of `dvc exp show --json` to points (held keys, one training budget per figure, seeds,
+newest per seed), and the `figures` command rendering valid PNGs from synthetic metrics with
+missing runs reported."""
 from __future__ import annotations
 
 import csv
@@ -97,6 +98,55 @@ def test_collect_matches_params_held_keys_and_seeds():
     assert set(beta) == {default_beta} and beta[default_beta].mean["mrr"] == pytest.approx(default_mrr)
     ablations = {(p.cell.dataset, p.value): r.mean["mrr"] for p, r in results.items() if p.figure == "fig6"}
     assert ablations == {("mkg-w", "none"): pytest.approx(default_mrr), ("mkg-w", "no_kca"): pytest.approx(28.0), ("mkg-w", "no_css"): pytest.approx(27.0)}
+
+
+def budget_show() -> list:
+    """TransE + Uniform (Fig. 4) dim runs of 3000 steps, its default point also run for 7000 steps (another
+    seed, newer), one dim 400 run of 7000 steps; Fig. 5 eps0 runs without warm start, its default with 6000."""
+    uniform = {dim: figures.Point("fig4", Cell("mkg-w", "TransE", "uniform"), "train.dim", dim) for dim in figures.FIG4_DIMS}
+    eps0 = {value: figures.Point("fig5", Cell("mkg-w", "TransE", "mmrns"), "sampler.mmrns.eps0", value) for value in figures.FIG5_EPS0}
+    short, long = {"train.steps": 3000, "train.valid_every": 500, "train.patience": 100}, {"train.steps": 7000, "train.valid_every": 500, "train.patience": 100}
+    revs = [experiment(f"short-{dim}", params_of(uniform[dim], **short), {"mrr": 0.20 + dim / 2500, "hits@10": 0.40}, "2026-01-01") for dim in (50, 100, 200)]
+    revs.append(experiment("long-200", params_of(uniform[200], seed=43, **long), {"mrr": 0.32, "hits@10": 0.45}, "2026-01-02"))
+    revs.append(experiment("long-400", params_of(uniform[400], **long, **{"sampler.mmrns.warm_start": 0}), {"mrr": 0.33, "hits@10": 0.46}, "2026-01-02"))
+    revs += [experiment(f"eps0-{value}", params_of(point, **{"sampler.mmrns.warm_start": 0}), {"mrr": 0.30, "hits@10": 0.45}, "2026-01-03")
+             for value, point in eps0.items() if value != DEFAULTS["sampler.mmrns.eps0"]]
+    revs.append(experiment("eps0-default-warm", params_of(eps0[DEFAULTS["sampler.mmrns.eps0"]]), {"mrr": 0.99, "hits@10": 0.99}, "2026-01-04"))
+    head = experiment("main", yaml.safe_load((REPO / "params.yaml").read_text()), None, "2026-01-01")
+    head["experiments"] = [{"name": r["name"], "revs": [r]} for r in revs]
+    return [head]
+
+
+def test_a_point_never_mixes_training_budgets():
+    from pipeline.errors import ConfigError
+
+    curve = [p for p in figures.points("fig4", ["uniform"], ["TransE"]) if p.parameter == "train.dim"]
+    shown = budget_show()
+    shown[0]["experiments"] = [e for e in shown[0]["experiments"] if e["name"] != "long-400"]
+    results = {p.value: r for p, r in figures.collect(shown, curve, DEFAULTS).items()}
+    assert results[200].experiments == ("short-200",) and results[200].mean["mrr"] == pytest.approx(28.0)  # the 7000-step run of the same configuration is left out
+    assert results[200].budget == {"train.steps": 3000, "train.valid_every": 500, "train.patience": 100}
+    with pytest.raises(ConfigError, match="fig4: its runs have 2 training budgets: train.steps=3000 .*train.steps=7000 .*--budget train.steps=3000"):
+        figures.collect(budget_show(), curve, DEFAULTS)  # swept runs of two budgets: neither is chosen silently
+    chosen = {p.value: r.experiments for p, r in figures.collect(budget_show(), curve, DEFAULTS, {"train.steps": 7000}).items()}
+    assert chosen == {200: ("long-200",), 400: ("long-400",)}  # warm_start does not bear on Uniform runs
+    fig5 = {p.value: r.experiments for p, r in figures.collect(budget_show(), figures.points("fig5"), DEFAULTS).items() if p.parameter == "sampler.mmrns.eps0"}
+    assert fig5 == {value: (f"eps0-{value}",) for value in figures.FIG5_EPS0 if value != DEFAULTS["sampler.mmrns.eps0"]}  # not the default's 6000-step warm start
+
+
+def test_figures_command_plots_one_budget_and_names_several(tmp_path):
+    shown = tmp_path / "show.json"
+    shown.write_text(json.dumps(budget_show()))
+    arguments = ["figures", "--experiments", str(shown), "--out", str(tmp_path), "--figure", "fig4", "--sampler", "uniform"]
+    several = CliRunner().invoke(app, arguments)
+    assert "2 training budgets" in str(several.exception) and "long-400" in str(several.exception)
+    result = CliRunner().invoke(app, [*arguments, "--budget", "train.steps=3000"])
+    assert result.exit_code == 0, result.output
+    assert "fig4: 4 of 16 points found at train.steps=3000 train.valid_every=500" in result.output  # dim 50, 100, 200 = lr 1e-3
+    rows = [r for r in csv.DictReader(io.StringIO((tmp_path / "figures.csv").read_text())) if r["seeds"] != "0"]
+    assert {r["experiments"] for r in rows} == {"short-50", "short-100", "short-200"} and all(r["budget"].startswith("train.steps=3000 ") for r in rows)
+    bad = CliRunner().invoke(app, [*arguments, "--budget", "train.epochs=3"])
+    assert "--budget 'train.epochs=3': expected KEY=INTEGER" in str(bad.exception)
 
 
 def test_figures_command_renders_valid_pngs_and_reports_missing_runs(tmp_path):
