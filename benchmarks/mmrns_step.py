@@ -10,6 +10,8 @@ KGC loss + auxiliary loss + backward + Adam. Configurations:
 
 - ``mmrns``: the published sampler (both modalities, KGC gradient into the sampler);
 - ``mmrns-detached``: draws without the KGC gradient (``kgc_gradient: none``, Gumbel-top-k);
+- ``mmrns-relation``, ``mmrns-relation-detached``: the same with one pre-sample per relation group
+  (``presample_scope: relation``, ``presample_min`` 50; a variant, not the published math);
 - ``uniform``: the Uniform sampler, same model, loss and optimizer.
 
 Each configuration runs in a fresh process (its peak RSS, ``ru_maxrss``, is its own) and
@@ -52,7 +54,13 @@ from pipeline.training import GradientDensifier, TrainSettings, build_optimizer 
 
 ENTITIES, RELATIONS, TRAIN_TRIPLES = 15000, 169, 34196
 BATCH, NEGATIVES, PRESAMPLE, DIM, GAMMA = 400, 20, 1500, 200, 3.0
-CONFIGS = {"mmrns": {"kgc_gradient": "minimise"}, "mmrns-detached": {"kgc_gradient": "none"}, "uniform": None}
+CONFIGS = {
+    "mmrns": {"kgc_gradient": "minimise"},
+    "mmrns-detached": {"kgc_gradient": "none"},
+    "mmrns-relation": {"kgc_gradient": "minimise", "presample_scope": "relation"},
+    "mmrns-relation-detached": {"kgc_gradient": "none", "presample_scope": "relation"},
+    "uniform": None,
+}
 PARTS = ("mmrns.encode", "mmrns.gated", "mmrns.structure", "mmrns.draws")
 PROFILED_STEPS = 3
 

@@ -19,6 +19,7 @@ from pipeline.samplers.mmrns import MMRNSSampler, exploration_factor, presample_
 from pipeline.samplers.mmrns.draws import LOG_MASK, StraightThroughSelect, gumbel_top_k, straight_through_draws
 from pipeline.samplers.mmrns.groups import RowGroups, grouped_cosine
 from pipeline.samplers.mmrns.kca import LEAKY_SLOPE
+from pipeline.samplers.mmrns.pools import RelationPools
 
 E, R, DIM, NEG = 80, 5, 12, 4
 MODALITIES_ALL = ("structure", "text", "image")
@@ -237,19 +238,23 @@ def test_grouped_cosine_matches_per_row_cosine():
 
 
 def test_straight_through_select_matches_one_hot_matmul():
+    """One pre-sample shared by the rows and one per group of rows: the gather equals the
+    straight-through product with each row's own candidates, forward and backward."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 4, 6, generator=g, requires_grad=True)
-    table = torch.randn(6, 5, generator=g, requires_grad=True)
-    index = torch.randint(6, (3, 4), generator=g)
-    weight = torch.randn(3, 4, 5, generator=g)
-    soft = logits.softmax(-1)
-    hard = F.one_hot(index, 6).float()
-    expected = (hard - soft.detach() + soft) @ table
-    grads = torch.autograd.grad((expected * weight).sum(), (logits, table))
-    actual = StraightThroughSelect.apply(logits.softmax(-1), index, table)
-    assert torch.equal(actual, table[index])
-    for mine, theirs in zip(torch.autograd.grad((actual * weight).sum(), (logits, table)), grads):
-        torch.testing.assert_close(mine, theirs)
+    for pools, group in ((1, torch.zeros(3, dtype=torch.long)), (2, torch.tensor([1, 0, 1]))):
+        logits = torch.randn(3, 4, 6, generator=g, requires_grad=True)
+        table = torch.randn(pools, 6, 5, generator=g, requires_grad=True)
+        index = torch.randint(6, (3, 4), generator=g)
+        weight = torch.randn(3, 4, 5, generator=g)
+        soft = logits.softmax(-1)
+        hard = F.one_hot(index, 6).float()
+        expected = (hard - soft.detach() + soft) @ table[group]
+        grads = torch.autograd.grad((expected * weight).sum(), (logits, table))
+        draws = RowGroups.build(group.repeat_interleave(4), pools, 1)
+        actual = StraightThroughSelect.apply(logits.softmax(-1), index, table, draws)
+        assert torch.equal(actual, table[group.unsqueeze(1), index])
+        for mine, theirs in zip(torch.autograd.grad((actual * weight).sum(), (logits, table)), grads):
+            torch.testing.assert_close(mine, theirs)
 
 
 def test_kgc_loss_reaches_kca_parameters_through_the_sample():
@@ -702,3 +707,88 @@ def test_warm_start_draws_uniformly_then_switches_to_mmrns():
         assert all(g is None for g in sampler_grads(sampler))
     negatives = sampler.sample(positives, model, 3)
     assert negatives.representations is not None and sampler.auxiliary_loss(positives, negatives, kgc_loss(model, positives, negatives)[1], model) is not None
+
+
+# -- presample_scope: relation ------------------------------------------------------------------
+def test_relation_pools_sizes_layout_and_padding():
+    relations = torch.tensor([3, 3, 3, 3, 3, 3, 1, 1, 4, 0])  # groups of 6, 2, 1, 1 rows
+    pools = RelationPools.draw(relations, 20, 3, E, torch.Generator().manual_seed(0), 2)
+    group_rows = torch.bincount(pools.groups.group).tolist()
+    assert pools.sizes.tolist() == [max(3, math.ceil(20 * s / 10)) for s in group_rows]
+    assert pools.width == int(pools.sizes.max())
+    for g, size in enumerate(pools.sizes.tolist()):
+        members = pools.ids[pools.pool == g]
+        assert len(members) == size == len(set(members.tolist()))  # without replacement
+        for row in (pools.groups.group == g).nonzero().squeeze(1).tolist():
+            assert int(pools.relation_ids[g]) == int(relations[row])
+            assert pools.row_ids[row, :size].tolist() == members.tolist()
+            assert pools.row_valid[row].tolist() == [True] * size + [False] * (pools.width - size)
+    values = torch.randn(len(pools.ids), 3)
+    padded = pools.pad(values)
+    assert torch.equal(padded[pools.pool, pools.slot], values) and padded.abs().sum() == values.abs().sum()
+
+
+@pytest.mark.parametrize("options", [{"score_similarity": True}, {"ablation": "no_rel"}, {"ablation": "no_kca"}])
+def test_relation_scope_similarities_and_gradients_equal_the_per_row_reference(options):
+    """Each row's similarities to its own pool (each candidate under the row's relation) and their
+    gradients equal those of the row alone with its pool as the pre-sample; padding is never valid."""
+    graph = random_graph()
+    sampler, model = make(graph, presample_scope="relation", presample_min=4, presample_size=40, **options), transe(graph)
+    for parameter in sampler.parameters():
+        torch.nn.init.normal_(parameter, std=0.2, generator=torch.Generator().manual_seed(2))
+    positives = graph.train[:14]
+    pools = RelationPools.draw(positives[:, 1], 40, 4, E, torch.Generator().manual_seed(0), 1)
+    assert len(pools.sizes) > 1 and not bool(pools.row_valid.all())
+    corrupt_head = torch.full((14,), True)
+    fast = sampler.similarities(positives, pools, corrupt_head, model)
+    weights = {m: torch.randn(14, pools.width, generator=torch.Generator().manual_seed(3)) for m in fast}
+    sum(((sim * weights[m] * valid).sum() for m, (sim, valid) in fast.items())).backward()
+    fast_grads = dense_grads([sampler, model])
+    total = 0
+    for row in range(14):  # reference: the row alone, its pool as a shared pre-sample (tested against the equations above)
+        slots = pools.row_valid[row]
+        alone = sampler.similarities(positives[row : row + 1], pools.row_ids[row, slots], corrupt_head[row : row + 1], model)
+        assert alone.keys() == fast.keys()
+        for modality, (sim, valid) in fast.items():
+            assert not bool(valid[row, ~slots].any())
+            assert torch.equal(valid[row, slots], alone[modality][1][0])
+            torch.testing.assert_close(sim[row, slots], alone[modality][0][0], atol=1e-5, rtol=0)
+            total = total + (alone[modality][0][0] * weights[modality][row, slots] * valid[row, slots]).sum()
+    dense_grads([sampler, model])
+    total.backward()
+    for mine, theirs in zip(fast_grads, dense_grads([sampler, model])):
+        assert (mine is None) == (theirs is None)
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kgc_gradient", ["minimise", "none"])
+def test_relation_scope_draws_from_the_rows_own_pool(kgc_gradient):
+    graph = random_graph(entities=60, triples=900)
+    sampler, model = make(graph, presample_scope="relation", presample_min=12, presample_size=30, kgc_gradient=kgc_gradient), transe(graph)
+    known = {tuple(t) for t in graph.train.tolist()}
+    positives = graph.train[:40]
+    for step in (0, 1):
+        draws = []
+        generator_state = sampler.generator.get_state()
+        pools = RelationPools.draw(positives[:, 1], sampler.presample, 12, 60, sampler.generator, sampler.groups_per_chunk)
+        sampler.generator.set_state(generator_state)  # the sampler draws the same pools
+        negatives = sampler.sample(positives, model, step)
+        for row, ((h, r, t), ids, head) in enumerate(zip(positives.tolist(), negatives.ids.tolist(), negatives.corrupt_head.tolist())):
+            assert len(set(ids)) == NEG and not any(((e, r, t) if head else (h, r, e)) in known for e in ids)
+            assert set(ids) <= set(pools.row_ids[row, pools.row_valid[row]].tolist())
+            draws.append(set(ids))
+        loss, scores = kgc_loss(model, positives, negatives)
+        (loss + sampler.auxiliary_loss(positives, negatives, scores, model)).backward()
+        assert any(g is not None and g.abs().sum() > 0 for g in sampler_grads(sampler))
+        if kgc_gradient == "minimise":  # the straight-through sample carries the model's representations
+            torch.testing.assert_close(negatives.representations, model.entity_representations(negatives.ids))
+
+
+def test_relation_scope_options_are_checked():
+    graph = random_graph()
+    for bad in ({"faithful": True}, {"presample_min": 0}, {"presample_min": 2.5}):
+        with pytest.raises(ConfigError):
+            make(graph, presample_scope="relation", **bad)
+    with pytest.raises(ConfigError):
+        make(graph, presample_scope="row")

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pipeline.samplers.mmrns.groups import RowGroups, grouped_dots
+
 LOG_MASK = math.log(1e-38)  # eq. 13: log of the mask value at known positives and drawn columns
 
 
@@ -71,28 +73,33 @@ def gumbel_top_k(logits: torch.Tensor, eligible: torch.Tensor, n: int, generator
 
 
 class StraightThroughSelect(torch.autograd.Function):
-    """``(hard + soft - soft.detach()) @ table`` with ``hard = one_hot(index)``, as a gather.
+    """``(hard + soft - soft.detach()) @ candidates`` per row, ``hard = one_hot(index)``, as a gather.
 
-    Forward: ``table[index]`` ``[B, n, d]`` exactly. Backward: ``soft`` gets
-    ``sign · grad @ table^T`` ``[B, n, P]`` (``sign = -1`` reverses the gradient: the sampler
-    then ascends the loss it feeds); ``table`` gets the one-hot scatter of ``grad``.
+    ``table [Q, W, d]`` holds the candidates of ``Q`` pre-samples (``Q = 1``: one shared by the
+    batch); ``draws`` groups the ``B n`` draws (row-major) by the pre-sample they use.
+    Forward: ``table[pre-sample, index]`` ``[B, n, d]`` exactly. Backward: ``soft [B, n, W]``
+    gets ``sign · <grad, candidate>`` (``sign = -1`` reverses the gradient: the sampler then
+    ascends the loss it feeds); ``table`` gets the one-hot scatter of ``grad``.
     """
 
     @staticmethod
-    def forward(ctx: Any, soft: torch.Tensor, index: torch.Tensor, table: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    def forward(
+        ctx: Any, soft: torch.Tensor, index: torch.Tensor, table: torch.Tensor, draws: RowGroups, sign: float = 1.0
+    ) -> torch.Tensor:
         ctx.save_for_backward(index, table)
-        ctx.sign = sign
-        return table[index]
+        ctx.draws, ctx.sign = draws, sign
+        return table[draws.group.view(index.shape), index]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
         index, table = ctx.saved_tensors
+        draws: RowGroups = ctx.draws
         grad_soft = None
         if ctx.needs_input_grad[0]:
-            grad_soft = grad @ table.T
+            grad_soft = grouped_dots(table, grad.reshape(-1, grad.shape[-1]), draws).view(*index.shape, -1)
             if ctx.sign != 1.0:
                 grad_soft = grad_soft.mul_(ctx.sign)
         grad_table = None
         if ctx.needs_input_grad[2]:
-            grad_table = torch.zeros_like(table).index_add_(0, index.reshape(-1), grad.reshape(-1, grad.shape[-1]))
-        return grad_soft, None, grad_table, None
+            grad_table = torch.zeros_like(table).index_put_((draws.group.view(index.shape), index), grad, accumulate=True)
+        return grad_soft, None, grad_table, None, None

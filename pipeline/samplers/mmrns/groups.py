@@ -114,6 +114,17 @@ def relation_groups(relations: torch.Tensor, groups_per_chunk: int) -> tuple[tor
     return distinct[order], RowGroups.build(rank[group], len(distinct), groups_per_chunk)
 
 
+def grouped_dots(candidates: torch.Tensor, queries: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """``[B, P]``: dot products of ``queries [B, x]`` with the candidates ``[G, P, x]`` of each row's
+    group (``G = 1``: the same candidates for every row)."""
+    if candidates.shape[0] == 1:
+        return queries @ candidates[0].T
+    blocks = candidates.split([chunk.last - chunk.first for chunk in groups.chunks])  # one backward node, no zero-filled slices
+    parts = [chunk.dots(block, chunk.query_block(queries)) for chunk, block in zip(groups.chunks, blocks)]
+    rows = torch.cat([chunk.rows for chunk in groups.chunks])
+    return torch.cat(parts)[torch.argsort(rows)]
+
+
 def grouped_cosine(
     candidates: torch.Tensor, queries: torch.Tensor, groups: RowGroups, form: CosineForm = CosineForm()
 ) -> torch.Tensor:
@@ -121,15 +132,9 @@ def grouped_cosine(
 
     Plain autograd; ``G = 1`` compares every row with the same candidates.
     """
-    if candidates.shape[0] == 1:
-        dots = queries @ candidates[0].T
-        norms = torch.linalg.vector_norm(candidates[0], dim=-1).unsqueeze(0)
-    else:
-        blocks = candidates.split([chunk.last - chunk.first for chunk in groups.chunks])  # one backward node, no zero-filled slices
-        parts = [chunk.dots(block, chunk.query_block(queries)) for chunk, block in zip(groups.chunks, blocks)]
-        rows = torch.cat([chunk.rows for chunk in groups.chunks])
-        dots = torch.cat(parts)[torch.argsort(rows)]
-        norms = torch.linalg.vector_norm(candidates, dim=-1)[groups.group]
+    dots = grouped_dots(candidates, queries, groups)
+    norms = torch.linalg.vector_norm(candidates, dim=-1)
+    norms = norms[0].unsqueeze(0) if candidates.shape[0] == 1 else norms[groups.group]
     scale = torch.linalg.vector_norm(queries, dim=-1, keepdim=True) * norms
     if not form.norm_gradient:
         scale = scale.detach()

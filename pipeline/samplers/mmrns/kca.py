@@ -32,9 +32,11 @@ Linear's block for slot ``k``)::
     Linear(flatten(LN(C ê))) = sum_{k,j} C_kj / sqrt(var_k + ϵ_LN) · U_jk + sum_k W_k β + bias,
     U_jk = (ê^c_j ⊙ γ) W_k                                                           [J, K, a]
 
-So the relation-gated branches, whose coefficients ``C`` depend on (relation, entity), cost
-``[R, N, K, J]`` (96 numbers per pair) instead of ``[R, N, K, a]``; ``S`` and ``U`` are
-computed once per entity. This is the same mathematics as the direct form (tested against
+So the relation-gated branches of every candidate under every relation of a batch
+(:meth:`CrossModalAttention.candidate_cosine`), whose coefficients ``C`` depend on (relation,
+entity), cost ``[R, N, K, J]`` (96 numbers per pair) instead of ``[R, N, K, a]``; ``S`` and
+``U`` are computed once per entity. An entity under one relation (:meth:`CrossModalAttention.forward`)
+takes the direct form, cheaper than ``U`` alone. This is the same mathematics as the direct form (tested against
 it) and what makes per-relation evaluation over a 1500-entity pre-sample cheap.
 """
 from __future__ import annotations
@@ -65,20 +67,16 @@ class TokenFactors:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Relation-free part of KCA for ``N`` entities."""
+    """Relation-free part of KCA (eqs. 1-2) for ``N`` entities."""
 
     cross: torch.Tensor  # [N, Ti, Tt] M
-    visual: TokenFactors  # tokens: image (J = Ti), slots: sentences (K = Tt)
-    text: TokenFactors  # tokens: sentences (J = Tt), slots: image tokens (K = Ti)
+    image: torch.Tensor  # [N, Ti, a] ê_i
+    words: torch.Tensor  # [N, Tt, a] ê_t
 
     def split(self, count: int) -> tuple[Encoded, Encoded]:
         """The first ``count`` entities and the rest (``split``: one backward node per tensor)."""
-        parts = [x.split([count, len(x) - count]) for x in (self.cross, *vars(self.visual).values(), *vars(self.text).values())]
-        return tuple(  # type: ignore[return-value]
-            Encoded(cross, TokenFactors(*visual), TokenFactors(*text))
-            for cross, *rest in zip(*parts)
-            for visual, text in [(rest[:3], rest[3:])]
-        )
+        parts = [x.split([count, len(x) - count]) for x in (self.cross, self.image, self.words)]
+        return Encoded(*(part[0] for part in parts)), Encoded(*(part[1] for part in parts))
 
 
 class CrossModalAttention(nn.Module):
@@ -114,8 +112,7 @@ class CrossModalAttention(nn.Module):
             projected = projected.index_put((with_image,), self.visual_projection(visual))
         image = F.leaky_relu(projected, LEAKY_SLOPE)  # [N, Ti, a]
         words = F.leaky_relu(self.text_projection(text), LEAKY_SLOPE)  # [N, Tt, a]
-        cross = image @ words.transpose(1, 2)  # [N, Ti, Tt]
-        return Encoded(cross, self._factors(image, self.visual_output), self._factors(words, self.text_output))
+        return Encoded(image @ words.transpose(1, 2), image, words)
 
     def _factors(self, tokens: torch.Tensor, output: nn.Linear) -> TokenFactors:
         """Factors for ``tokens [N, J, a]`` and the output Linear(K a, a)."""
@@ -125,13 +122,8 @@ class CrossModalAttention(nn.Module):
         normalised = torch.einsum("nja,oka->njko", centred * self.norm.weight, blocks)
         return TokenFactors(tokens, gram, normalised)
 
-    def _attend(self, factors: TokenFactors, coefficients: torch.Tensor, output: nn.Linear, normalise: bool) -> torch.Tensor:
-        """``sum_k W_k LN(C ê)_k`` without bias and β, for ``C [R, N, K, J]`` -> ``[R, N, a]``.
-
-        ``normalise=False``: ``sum_k W_k (C ê)_k``, no LayerNorm.
-        """
-        if not normalise:
-            return torch.einsum("rnkj,nja->rnka", coefficients, factors.tokens).flatten(2) @ output.weight.T
+    def _attend(self, factors: TokenFactors, coefficients: torch.Tensor, output: nn.Linear) -> torch.Tensor:
+        """``sum_k W_k LN(C ê)_k`` without bias and β, for ``C [R, N, K, J]`` -> ``[R, N, a]``."""
         spread = torch.einsum("rnkj,njl->rnkl", coefficients, factors.gram)
         variance = (spread * coefficients).sum(-1).clamp_min(0)  # [R, N, K]
         scaled = coefficients * torch.rsqrt(variance + self.norm.eps).unsqueeze(-1)
@@ -146,10 +138,10 @@ class CrossModalAttention(nn.Module):
         weighted = (cross.unsqueeze(-1) * factors.normalised.transpose(1, 2)).reshape(entities, slots * tokens, -1)
         return quadratic, weighted
 
-    def _constant(self, output: nn.Linear, normalised_branches: int) -> torch.Tensor:
-        """``bias + normalised_branches * sum_k W_k β`` ``[a]``."""
+    def _constant(self, output: nn.Linear) -> torch.Tensor:
+        """``bias + 2 sum_k W_k β`` ``[a]``: the output's bias and both branches' LayerNorm shift."""
         blocks = output.weight.view(self.attention_dim, -1, self.attention_dim)
-        return output.bias + normalised_branches * torch.einsum("oka,a->o", blocks, self.norm.bias)
+        return output.bias + 2 * torch.einsum("oka,a->o", blocks, self.norm.bias)
 
     def gates(self, relations: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Eq. 5 gates ``(g_i, g_t)``, each ``[R, Ti, Tt]``, for ``relations [R, d_r]``; None without relation."""
@@ -171,14 +163,15 @@ class CrossModalAttention(nn.Module):
         representation (``queries``: ``[B, a]`` or None for a modality switched off)."""
         cross = encoded.cross  # [N, Ti, Tt]
         outputs = []
-        for query, factors, output, slot_cross, slot_gate in (
-            (queries[0], encoded.visual, self.visual_output, cross.transpose(1, 2), gates[0].transpose(-1, -2)),
-            (queries[1], encoded.text, self.text_output, cross, gates[1]),
+        for query, tokens, output, slot_cross, slot_gate in (
+            (queries[0], encoded.image, self.visual_output, cross.transpose(1, 2), gates[0].transpose(-1, -2)),
+            (queries[1], encoded.words, self.text_output, cross, gates[1]),
         ):
             if query is None:
                 outputs.append(None)
                 continue
-            base = self._attend(factors, slot_cross.softmax(-1).unsqueeze(0), output, True)[0] + self._constant(output, 2)
+            factors = self._factors(tokens, output)
+            base = self._attend(factors, slot_cross.softmax(-1).unsqueeze(0), output)[0] + self._constant(output)
             quadratic, weighted = self._gated_inputs(factors, slot_cross)
             outputs.append(gated_cosine(quadratic, weighted, slot_gate, base, query, groups, form, self.norm.eps))
         return outputs[0], outputs[1]
@@ -209,17 +202,16 @@ class CrossModalAttention(nn.Module):
             visual_gate, text_gate = gates
         expand = (lambda g: g.unsqueeze(0)) if paired else (lambda g: g.unsqueeze(1))  # -> [1, N, ...] / [R, 1, ...]
         outputs = []
-        for wanted, factors, output, slot_cross, slot_gate, normalise_plain in (
-            (visual, encoded.visual, self.visual_output, cross.transpose(1, 2), visual_gate.transpose(-1, -2), normalise_visual_plain),
-            (text, encoded.text, self.text_output, cross, text_gate, True),  # [., Ti, Tt]
+        for wanted, tokens, output, slot_cross, slot_gate, normalise_plain in (
+            (visual, encoded.image, self.visual_output, cross.transpose(1, 2), visual_gate.transpose(-1, -2), normalise_visual_plain),
+            (text, encoded.words, self.text_output, cross, text_gate, True),  # [., Ti, Tt]
         ):
             if not wanted:
                 outputs.append(None)
                 continue
-            plain = slot_cross.softmax(-1)  # branch 1 (softmax over Ti) / branch 4 (over Tt)
-            relation_free = self._attend(factors, plain.unsqueeze(0), output, normalise_plain)[0]  # [N, a]
-            guided = self._attend(factors, slot_cross.unsqueeze(0) * expand(slot_gate), output, True)
-            value = relation_free + guided + self._constant(output, 1 + int(normalise_plain))
+            plain = slot_cross.softmax(-1) @ tokens  # branch 1 (softmax over Ti) / branch 4 (over Tt), [N, K, a]
+            guided = (slot_cross.unsqueeze(0) * expand(slot_gate)) @ tokens  # branches 2 / 3, [R or 1, N, K, a]
+            value = output(((self.norm(plain) if normalise_plain else plain) + self.norm(guided)).flatten(-2))
             outputs.append(value[0] if paired else value)
         return outputs[0], outputs[1]
 

@@ -8,7 +8,7 @@ Per training step (``step`` 0-based):
 1. Pre-sample (sec. 4.3.2): one uniform set of ``P`` candidates shared by the batch (the
    paper only says "we randomly sample a subset of entities first"; the script shares it,
    and sharing lets every per-candidate computation run once). ``P = ceil(|E|/10)`` by
-   default. Even steps corrupt tails, odd steps heads (the script alternates batches).
+   default. (``presample_scope: relation``, a variant: one pool per relation group, below.) Even steps corrupt tails, odd steps heads (the script alternates batches).
 2. Representations of the candidates and of each row's *positive entity* (the entity
    being replaced: the tail for tail corruption, the head for head corruption): KCA
    (eqs. 1-6, :mod:`~pipeline.samplers.mmrns.kca`) for image and text, encoded once for
@@ -87,6 +87,11 @@ eps0 10, warm start 6000):
   query, standardised per row, as one more similarity in eq. 12.
 - ``contrastive_temperature`` T (eq. 10 ``exp(sim / T)``) and ``contrastive_weights``
   (``paper`` | ``script``, eq. 9).
+- ``presample_scope``: ``batch`` (the paper: one pre-sample shared by the batch) or
+  ``relation``: one uniform pool per relation group of the batch, ``P_g = max(presample_min,
+  ceil(P s_g / B))`` entities for a group of ``s_g`` rows, each candidate represented under its
+  pool's relation only (:mod:`~pipeline.samplers.mmrns.pools`): the relation-gated work is
+  ``sum_g P_g`` pairs instead of ``G P``, and the groups' negatives come from different pools.
 - ``warm_start`` k: the first k steps draw uniform negatives from the whole graph (head or
   tail 50/50 per row, as the Uniform sampler) and train no sampler parameter.
 """
@@ -111,11 +116,13 @@ from pipeline.samplers.mmrns.contrastive import WEIGHTS, contrastive_loss, contr
 from pipeline.samplers.mmrns.draws import LOG_MASK, Draws, StraightThroughSelect, gumbel_noise, gumbel_top_k, straight_through_draws
 from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, grouped_cosine, relation_groups
 from pipeline.samplers.mmrns.kca import CrossModalAttention, Encoded
+from pipeline.samplers.mmrns.pools import RelationPools
 from pipeline.samplers.mmrns.structure import StructuralGate
 
 MODALITIES = ("structure", "text", "image")
 ABLATIONS = ("none", "no_kca", "no_css", "no_rel")
 KGC_GRADIENTS = ("minimise", "none", "maximise")
+SCOPES = ("batch", "relation")
 FALLBACK_TRIES = 1000
 UNAVAILABLE = -1e4  # finite "log 0" for a modality a candidate lacks (keeps gradients NaN-free)
 CHUNK_ELEMENTS = 2**21  # [groups, P, width] elements per chunk of relation groups (stays in cache)
@@ -199,13 +206,15 @@ class MMRNSSampler(NegativeSampler):
         contrastive_temperature: float = 1.0,
         contrastive_weights: str = "paper",
         warm_start: int = 0,
+        presample_scope: str = "batch",
+        presample_min: int = 50,
     ):
         """Features: ``text_features [E, Tt, D_t]``, ``visual_features [E, Ti, D_i]`` (any float
         dtype, kept as given; zeros where the mask is False), masks ``[E]`` bool."""
         super().__init__(graph, num_negatives, seed)
         for key, value, allowed in (
             ("ablation", ablation, ABLATIONS), ("kgc_gradient", kgc_gradient, KGC_GRADIENTS),
-            ("contrastive_weights", contrastive_weights, WEIGHTS),
+            ("contrastive_weights", contrastive_weights, WEIGHTS), ("presample_scope", presample_scope, SCOPES),
         ):
             if value not in allowed:
                 raise ConfigError(f"sampler.mmrns.{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -228,6 +237,12 @@ class MMRNSSampler(NegativeSampler):
         self.presample = presample_count(presample_size, graph.num_entities)
         if self.presample < num_negatives:
             raise ConfigError(f"sampler.mmrns.presample_size gives {self.presample} candidates < {num_negatives} negatives")
+        if presample_scope == "relation" and (faithful or not (isinstance(presample_min, int) and 1 <= presample_min)):
+            raise ConfigError(
+                "sampler.mmrns.presample_scope: relation needs faithful: false (the script shares one pre-sample) "
+                f"and an integer presample_min >= 1; got faithful {faithful}, presample_min {presample_min!r}"
+            )
+        self.presample_scope, self.presample_min = presample_scope, presample_min
         self.eps0, self.beta, self.alpha = float(eps0), float(beta), float(adversarial_temperature)
         self.faithful, self.ablation, self.kgc_gradient = bool(faithful), ablation, kgc_gradient
         self.uniform_mix, self.score_similarity, self.warm_start = float(uniform_mix), bool(score_similarity), warm_start
@@ -279,7 +294,7 @@ class MMRNSSampler(NegativeSampler):
         known = {
             "presample_size", "eps0", "beta", "attention_dim", "structure_hidden", "adversarial_temperature",
             "faithful", "ablation", "modalities", "kgc_gradient", "uniform_mix", "score_similarity",
-            "contrastive_temperature", "contrastive_weights", "warm_start",
+            "contrastive_temperature", "contrastive_weights", "warm_start", "presample_scope", "presample_min",
         }
         unknown = set(params) - known
         if unknown:
@@ -298,15 +313,20 @@ class MMRNSSampler(NegativeSampler):
 
     # -- representations and similarities ------------------------------------------------
     def similarities(
-        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel,
-        shared: _CandidateEncoding | None = None,
+        self, positives: torch.Tensor, candidates: torch.Tensor | RelationPools, corrupt_head: torch.Tensor,
+        model: KGCModel, shared: _CandidateEncoding | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Eq. 8 per active modality: ``(sim [B, P], valid [B, P])`` of each candidate to the row's positive.
+        """Eq. 8 per active modality: ``(sim [B, W], valid [B, W])`` of each candidate to the row's
+        positive, for ``candidates [P]`` shared by the rows (``W = P``) or the rows' relation pools
+        (``W`` their padded width; padding is not valid).
 
         ``shared``: holds the candidates' relation-free KCA encode between calls over the same
         candidates (filled by the first call, reused by the next)."""
         own = torch.where(corrupt_head, positives[:, 0], positives[:, 2])  # [B]
-        if self.uses_relation:
+        pools = candidates if isinstance(candidates, RelationPools) else None
+        if pools is not None:
+            relation_ids, groups = pools.relation_ids, pools.groups
+        elif self.uses_relation:
             relation_ids, groups = relation_groups(positives[:, 1], self.groups_per_chunk)  # [G], rows by group
         else:
             relation_ids, groups = positives[:1, 1], RowGroups.single(len(own), own.device)
@@ -315,26 +335,33 @@ class MMRNSSampler(NegativeSampler):
             relations = relations.detach()
         gates_for = relations if self.uses_relation else None
         row_relations = relations[groups.group] if self.uses_relation else None  # [B, d_r]
+        ids = candidates if pools is None else pools.ids  # [P] or [S]
+        row_ids = candidates.unsqueeze(0) if pools is None else pools.row_ids  # [1, P] or [B, W]
+        slots = torch.ones_like(row_ids, dtype=torch.bool) if pools is None else pools.row_valid
         result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if "structure" in self.modalities:
             with record_function("mmrns.structure"):
-                entities = model.entity_representations(torch.cat([candidates, own]))
+                entities = model.entity_representations(torch.cat([ids, own]))
                 if self.kgc_gradient == "maximise":
                     entities = entities.detach()
-                table, mine = entities.split([len(candidates), len(own)])  # [P, d], [B, d]
+                table, mine = entities.split([len(ids), len(own)])  # [P or S, d], [B, d]
                 queries = self.structure.paired(mine, row_relations)
-                sim = self.structure.cosine(table, gates_for, queries, groups, self.cosine_form)
-                result["structure"] = (sim, torch.ones_like(sim, dtype=torch.bool))
+                if pools is None:
+                    sim = self.structure.cosine(table, gates_for, queries, groups, self.cosine_form)
+                else:  # each candidate under its own pool's relation only
+                    paired = self.structure.paired(table, None if gates_for is None else gates_for[pools.pool])
+                    sim = grouped_cosine(pools.pad(paired), queries, groups, self.cosine_form)
+                result["structure"] = (sim, slots.expand_as(sim))
         wanted = {m: m in self.modalities for m in ("text", "image")}
         if any(wanted.values()):
-            sims = self._multimodal(candidates, own, gates_for, row_relations, groups, shared or _CandidateEncoding(), **wanted)
+            sims = self._multimodal(ids, own, gates_for, row_relations, groups, pools, shared or _CandidateEncoding(), **wanted)
             for modality, mask in (("text", self.text_mask), ("image", self.visual_mask)):
                 if sims[modality] is not None:
-                    valid = mask[own].unsqueeze(1) & mask[candidates].unsqueeze(0)  # [B, P]
+                    valid = mask[own].unsqueeze(1) & mask[row_ids] & slots  # [B, W]
                     result[modality] = (sims[modality], valid)
         if self.score_similarity:
-            scores = self._score_similarity(positives, candidates, corrupt_head, model)
-            result["score"] = (scores, torch.ones_like(scores, dtype=torch.bool))
+            scores = self._score_similarity(positives, row_ids, slots, corrupt_head, model)
+            result["score"] = (scores, slots.expand_as(scores))
         return result
 
     def _contrastive_rows_with_grad(
@@ -363,17 +390,20 @@ class MMRNSSampler(NegativeSampler):
 
     def _multimodal(
         self, candidates: torch.Tensor, own: torch.Tensor, relations: torch.Tensor | None, row_relations: torch.Tensor | None,
-        groups: RowGroups, shared: _CandidateEncoding, *, text: bool, image: bool,
+        groups: RowGroups, pools: RelationPools | None, shared: _CandidateEncoding, *, text: bool, image: bool,
     ) -> dict[str, torch.Tensor | None]:
-        """Eq. 8 ``[B, P]`` for ``image`` and ``text`` (None where switched off): KCA of the candidates
-        under each row's relation against KCA of the row's own entity under it."""
+        """Eq. 8 ``[B, W]`` for ``image`` and ``text`` (None where switched off): KCA of the candidates
+        ``[P]`` under each row's relation (``pools``: ``[S]``, each under its pool's relation)
+        against KCA of the row's own entity under it."""
+        arrange = (lambda x: x.reshape(1, -1, x.shape[-1])) if pools is None else (lambda x: pools.pad(x.reshape(-1, x.shape[-1])))
+        cosine = lambda cand, mine: None if mine is None else grouped_cosine(arrange(cand), mine, groups, self.cosine_form)  # noqa: E731
         if self.kca is None:  # no_kca: one Linear of the token-averaged features, relation-free
             entities = torch.cat([candidates, own])
             visual, words = self.visual_features[entities].float(), self.text_features[entities].float()  # [P + B, T, D]
             result = {}
             for name, wanted, layer, values in (("image", image, self.visual_pooled, visual), ("text", text, self.text_pooled, words)):
                 pooled_candidates, pooled_own = layer(values.mean(1)).split([len(candidates), len(own)]) if wanted else (None, None)
-                result[name] = None if pooled_own is None else grouped_cosine(pooled_candidates.unsqueeze(0), pooled_own, groups, self.cosine_form)
+                result[name] = cosine(pooled_candidates, pooled_own)
             return result
         with record_function("mmrns.encode"):
             if shared.encoded is None:  # one encode (one backward node) for candidates and own entities
@@ -386,9 +416,9 @@ class MMRNSSampler(NegativeSampler):
                 encoded_own, self.kca.gates(row_relations), paired=True, visual=image, text=text,
                 normalise_visual_plain=not self.faithful,
             )
-            if relations is None:  # relation-free: [1, P, a] candidates
-                candidate_image, candidate_text = self.kca(encoded_candidates, None, paired=False, visual=image, text=text)
-                cosine = lambda cand, mine: None if mine is None else grouped_cosine(cand, mine, groups, self.cosine_form)  # noqa: E731
+            if relations is None or pools is not None:  # relation-free [1, P, a], or each pool candidate under its relation [S, a]
+                gates = None if relations is None else tuple(g[pools.pool] for g in self.kca.gates(relations))
+                candidate_image, candidate_text = self.kca(encoded_candidates, gates, paired=gates is not None, visual=image, text=text)
                 return {"image": cosine(candidate_image, own_image), "text": cosine(candidate_text, own_text)}
             sim_image, sim_text = self.kca.candidate_cosine(
                 encoded_candidates, self.kca.gates(relations), (own_image, own_text), groups, self.cosine_form
@@ -404,12 +434,20 @@ class MMRNSSampler(NegativeSampler):
 
     @torch.no_grad()
     def _score_similarity(
-        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel
+        self, positives: torch.Tensor, row_ids: torch.Tensor, slots: torch.Tensor, corrupt_head: torch.Tensor,
+        model: KGCModel,
     ) -> torch.Tensor:
-        """``[B, P]``: the model's score of each candidate in the corrupted slot, standardised per row."""
+        """``[B, W]``: the model's score of each candidate (``row_ids [1 or B, W]``) in the corrupted
+        slot, standardised per row over its pre-sample (``slots [., W]``: not padding)."""
         side = "head" if bool(corrupt_head[0]) else "tail"  # one side per step
-        scores = model.score_all(positives, side)[:, candidates]
-        return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+        scores = model.score_all(positives, side)
+        if row_ids.shape[0] == 1:  # shared pre-sample
+            scores = scores[:, row_ids[0]]
+            return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+        scores, count = scores.gather(1, row_ids), slots.sum(1, keepdim=True)
+        mean = (scores * slots).sum(1, keepdim=True) / count
+        spread = (((scores - mean) * slots).square().sum(1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+        return ((scores - mean) / spread.clamp_min(1e-6)).masked_fill(~slots, 0)
 
     # -- sampling --------------------------------------------------------------------------
     def log_probabilities(self, similarities: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
@@ -441,34 +479,42 @@ class MMRNSSampler(NegativeSampler):
         device = positives.device
         batch, n = len(positives), self.num_negatives
         corrupt_head = torch.full((batch,), step % 2 == 1, dtype=torch.bool, device=device)
-        candidates = torch.randperm(self.num_entities, generator=self.generator)[: self.presample].to(device)  # [P]
-        straight_through = self.kgc_gradient != "none"
-        noise = gumbel_noise((n, batch, self.presample), self.generator, device) if straight_through else None
-
         own_entity = torch.where(corrupt_head, positives[:, 0], positives[:, 2])
-        own = candidates.unsqueeze(0) == own_entity.unsqueeze(1)  # [B, P]
-        known = self.known_positives.answers_among(positives, candidates, corrupt_head) | own
-        if straight_through or self.faithful:
+        straight_through = self.kgc_gradient != "none"
+        if self.presample_scope == "relation":
+            candidates = pools = RelationPools.draw(
+                positives[:, 1], self.presample, self.presample_min, self.num_entities, self.generator, self.groups_per_chunk
+            )
+            row_ids, slots = pools.row_ids, pools.row_valid  # [B, W]
+            own = (row_ids == own_entity.unsqueeze(1)) & slots
+            known = (self.known_positives.corruptions_known(positives, row_ids, corrupt_head) & slots) | own
+        else:
+            candidates = torch.randperm(self.num_entities, generator=self.generator)[: self.presample].to(device)  # [P]
+            row_ids, slots = candidates.unsqueeze(0), None
+            own = row_ids == own_entity.unsqueeze(1)  # [B, P]
+            known = self.known_positives.answers_among(positives, candidates, corrupt_head) | own
+        noise = gumbel_noise((n, batch, row_ids.shape[1]), self.generator, device) if straight_through else None
+        if straight_through or self.faithful or slots is not None:
             similarities = self.similarities(positives, candidates, corrupt_head, model)
         else:  # only rows with a contrastive positive give the sampler a gradient: the rest without autograd
             similarities = self._contrastive_rows_with_grad(positives, candidates, corrupt_head, model, (known & ~own).any(1))
         with record_function("mmrns.draws"):
             log_p = self.log_probabilities(similarities, step) if similarities else torch.zeros(known.shape, device=device)
             logits = log_p + LOG_MASK * known  # eq. 13 before the noise
-            eligible = ~known
+            eligible = ~known if slots is None else ~known & slots
             if similarities:  # a candidate with no available modality is not drawn (p = 0)
                 has_any = torch.stack([v for _, v in similarities.values()]).any(0)
                 row_any = has_any.any(1, keepdim=True)
                 eligible &= has_any | ~row_any
             if straight_through:
                 draws = straight_through_draws(logits, eligible, noise)
-                table = model.entity_representations(candidates)  # [P, d]
                 sign = -1.0 if self.kgc_gradient == "maximise" else 1.0
-                representations = StraightThroughSelect.apply(draws.soft, draws.positions, table, sign)  # [B, n, d]
+                table, by_presample = self._candidate_table(model, candidates, batch * n)
+                representations = StraightThroughSelect.apply(draws.soft, draws.positions, table, by_presample, sign)  # [B, n, d]
             else:
                 draws = gumbel_top_k(logits, eligible, n, self.generator)
                 representations = None
-        ids = candidates[draws.positions]
+        ids = row_ids.expand(batch, -1).gather(1, draws.positions)
         if not bool(draws.drawn.all()):
             ids = self._fill_exhausted(positives, corrupt_head, own_entity, ids, ~draws.drawn)
             if representations is not None:
@@ -477,6 +523,17 @@ class MMRNSSampler(NegativeSampler):
         negatives = Negatives(ids=ids, corrupt_head=corrupt_head, representations=representations)
         self._context = _StepContext(negatives, similarities, known, own, draws)
         return negatives
+
+    def _candidate_table(
+        self, model: KGCModel, candidates: torch.Tensor | RelationPools, draws: int
+    ) -> tuple[torch.Tensor, RowGroups]:
+        """The model's representations of the pre-sample ``[Q, W, d]`` (``Q = 1``: shared) and the
+        ``draws`` (``B n``, row-major) grouped by the pre-sample they draw from."""
+        if isinstance(candidates, RelationPools):
+            groups = candidates.groups
+            by_presample = RowGroups.build(groups.group.repeat_interleave(draws // len(groups.group)), groups.num_groups, self.groups_per_chunk)
+            return candidates.pad(model.entity_representations(candidates.ids)), by_presample
+        return model.entity_representations(candidates).unsqueeze(0), RowGroups.single(draws, candidates.device)
 
     def _uniform(self, positives: torch.Tensor) -> Negatives:
         """Warm start: uniform entities, head or tail 50/50 per row (the Uniform sampler's draws)."""
