@@ -12,7 +12,10 @@ KGC loss + auxiliary loss + backward + Adam. Configurations:
 - ``mmrns-detached``: draws without the KGC gradient (``kgc_gradient: none``, Gumbel-top-k);
 - ``mmrns-relation``, ``mmrns-relation-detached``: the same with one pre-sample per relation group
   (``presample_scope: relation``, ``presample_min`` 50; a variant, not the published math);
-- ``uniform``: the Uniform sampler, same model, loss and optimizer.
+- ``uniform``: the Uniform sampler, same model, loss and optimizer;
+- ``floor`` (printed after Uniform): :func:`matmul_floor`, the time of the matrix products the
+  published math needs at this graph's distinct relations per batch, as plain GEMMs: no
+  implementation of the published step on this machine is faster than this line.
 
 Each configuration runs in a fresh process (its peak RSS, ``ru_maxrss``, is its own) and
 prints ``NAME median X s/step (CPU Y s) peak RSS Z GiB``, its ratio to Uniform's median from
@@ -159,6 +162,38 @@ def run(config: str, steps: int, threads: int, data: str | None, text_cache: str
     }
 
 
+def matmul_floor(graph: KnowledgeGraph, batch: int, presample: int, threads: int) -> dict:
+    """The matrix products the published step cannot avoid (exact math, one pre-sample per batch),
+    counted for this graph's mean number ``G`` of distinct relations per batch and timed as GEMMs of
+    the same shapes on this machine: structure (eq. 7's second layer over ``[G, P]``, its two
+    gradients), relation-gated KCA per modality (coefficients x values and the LayerNorm variance
+    over ``[P, G]``, forward and two gradients each), the straight-through gradient ``[B n, d] x [d, P]``."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    relations = graph.train[:, 1]
+    groups = statistics.mean(
+        len(torch.unique(relations[torch.randint(len(relations), (batch,), generator=generator)])) for _ in range(50)
+    )
+    g = round(groups)
+    hidden, attention = 100, 50
+    shapes = [(g * presample, hidden, DIM)] * 3  # forward, grad of W2, grad of the hidden layer
+    for slots, tokens in ((4, 24), (24, 4)):  # visual (K = Tt, J = Ti), text (K = Ti, J = Tt)
+        shapes += [(presample * g, slots * tokens, attention)] * 3
+        shapes += [(slots * presample, tokens * tokens, g)] * 3
+    shapes.append((batch * NEGATIVES, DIM, presample))
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    seconds = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
+        timings = []
+        for _ in range(4):  # the first warms up; the fastest of the others counts
+            start = time.perf_counter()
+            a @ b
+            timings.append(time.perf_counter() - start)
+        seconds += min(timings[1:])
+    return {"groups": groups, "gflop": flops / 1e9, "seconds": seconds}
+
+
 def measure(args: argparse.Namespace, config: str, data: str | None, presample: int, batch: int) -> dict:
     """One configuration in a fresh process."""
     command = [sys.executable, __file__, "--only", config, "--steps", str(args.steps), "--threads", str(args.threads),
@@ -208,6 +243,10 @@ def main() -> None:
     uniform = {b: measure(args, "uniform", data, presamples[0], b) for b in batches}
     for b in batches:
         print(line(uniform[b], None), flush=True)
+    floor = matmul_floor(benchmark_graph(data, torch.Generator().manual_seed(0)), batches[0], presamples[0], args.threads)
+    print(f"{'floor':15s} median {floor['seconds']:.3f} s/step  {floor['seconds'] / uniform[batches[0]]['median_step_s']:.1f}x uniform  "
+          f"(the published step's unavoidable matrix products: {floor['gflop']:.1f} GFLOP at G = {floor['groups']:.1f} "
+          f"distinct relations per batch, timed as plain GEMMs here)", flush=True)
     for config in configs:
         if config == "uniform":
             continue

@@ -122,13 +122,6 @@ class CrossModalAttention(nn.Module):
         normalised = torch.einsum("nja,oka->njko", centred * self.norm.weight, blocks)
         return TokenFactors(tokens, gram, normalised)
 
-    def _attend(self, factors: TokenFactors, coefficients: torch.Tensor, output: nn.Linear) -> torch.Tensor:
-        """``sum_k W_k LN(C ê)_k`` without bias and β, for ``C [R, N, K, J]`` -> ``[R, N, a]``."""
-        spread = torch.einsum("rnkj,njl->rnkl", coefficients, factors.gram)
-        variance = (spread * coefficients).sum(-1).clamp_min(0)  # [R, N, K]
-        scaled = coefficients * torch.rsqrt(variance + self.norm.eps).unsqueeze(-1)
-        return torch.einsum("rnkj,njko->rno", scaled, factors.normalised)
-
     def _gated_inputs(self, factors: TokenFactors, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-entity inputs of the relation-gated branch for ``cross [N, K, J]`` (slot-major M):
         ``Q [N, K, J, J]`` with ``Q_kjl = M_kj M_kl S_jl`` (the LayerNorm variance is ``g_k^T Q_k g_k``)
@@ -138,10 +131,9 @@ class CrossModalAttention(nn.Module):
         weighted = (cross.unsqueeze(-1) * factors.normalised.transpose(1, 2)).reshape(entities, slots * tokens, -1)
         return quadratic, weighted
 
-    def _constant(self, output: nn.Linear) -> torch.Tensor:
-        """``bias + 2 sum_k W_k β`` ``[a]``: the output's bias and both branches' LayerNorm shift."""
-        blocks = output.weight.view(self.attention_dim, -1, self.attention_dim)
-        return output.bias + 2 * torch.einsum("oka,a->o", blocks, self.norm.bias)
+    def _shift(self, output: nn.Linear) -> torch.Tensor:
+        """``sum_k W_k β`` ``[a]``: what the LayerNorm shift β of one branch adds to the output."""
+        return torch.einsum("oka,a->o", output.weight.view(self.attention_dim, -1, self.attention_dim), self.norm.bias)
 
     def gates(self, relations: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Eq. 5 gates ``(g_i, g_t)``, each ``[R, Ti, Tt]``, for ``relations [R, d_r]``; None without relation."""
@@ -170,8 +162,8 @@ class CrossModalAttention(nn.Module):
             if query is None:
                 outputs.append(None)
                 continue
+            base = output(self.norm(slot_cross.softmax(-1) @ tokens).flatten(-2)) + self._shift(output)  # [N, a]: plain branch, bias, gated β
             factors = self._factors(tokens, output)
-            base = self._attend(factors, slot_cross.softmax(-1).unsqueeze(0), output)[0] + self._constant(output)
             quadratic, weighted = self._gated_inputs(factors, slot_cross)
             outputs.append(gated_cosine(quadratic, weighted, slot_gate, base, query, groups, form, self.norm.eps))
         return outputs[0], outputs[1]
