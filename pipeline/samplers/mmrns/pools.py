@@ -66,3 +66,18 @@ class RelationPools:
         """``[S, x]`` per candidate -> ``[G, W, x]`` per pool, zeros in padding (differentiable)."""
         padded = values.new_zeros(len(self.sizes), self.width, values.shape[-1])
         return padded.index_put((self.pool, self.slot), values)
+
+    def select(self, rows: torch.Tensor, groups_per_chunk: int) -> RelationPools:
+        """The pools of ``rows [m]`` (batch rows) only, for those rows in that order: the same
+        candidates in the same slots, the width cut to the largest kept pool."""
+        kept = torch.unique(self.groups.group[rows])  # [k] kept groups, ascending
+        renumber = torch.full((len(self.sizes),), -1, dtype=torch.long, device=rows.device)
+        renumber[kept] = torch.arange(len(kept), device=rows.device)
+        flat = renumber[self.pool] >= 0  # [S] candidates of kept pools
+        sizes = self.sizes[kept]
+        width = int(sizes.max())
+        groups = RowGroups.build(renumber[self.groups.group[rows]], len(kept), groups_per_chunk)
+        return RelationPools(
+            self.relation_ids[kept], groups, self.ids[flat], renumber[self.pool[flat]], self.slot[flat], sizes,
+            self.row_ids[rows, :width], self.row_valid[rows, :width],
+        )

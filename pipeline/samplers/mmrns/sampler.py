@@ -365,26 +365,37 @@ class MMRNSSampler(NegativeSampler):
         return result
 
     def _contrastive_rows_with_grad(
-        self, positives: torch.Tensor, candidates: torch.Tensor, corrupt_head: torch.Tensor, model: KGCModel,
-        rows: torch.Tensor,
+        self, positives: torch.Tensor, candidates: torch.Tensor | RelationPools, corrupt_head: torch.Tensor,
+        model: KGCModel, rows: torch.Tensor,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`similarities` of every row, differentiable only in ``rows [B]`` (bool): the
-        candidates are encoded once (with autograd), the other rows' cosines are computed without."""
+        """:meth:`similarities` of every row, differentiable only in ``rows [B]`` (bool). A shared
+        pre-sample is encoded once (with autograd) for both sets of rows; relation pools are split
+        by pool: the pools of ``rows`` with autograd (all their rows), the others without."""
         if not (torch.is_grad_enabled() and bool(rows.any())):
             with torch.no_grad():
                 return self.similarities(positives, candidates, corrupt_head, model)
+        pools = candidates if isinstance(candidates, RelationPools) else None
+        if pools is not None:  # whole pools: no candidate is encoded in both calls
+            group = pools.groups.group
+            rows = torch.zeros(pools.groups.num_groups, dtype=torch.bool, device=rows.device).index_fill_(0, group[rows], True)[group]
         index, rest = rows.nonzero().squeeze(1), (~rows).nonzero().squeeze(1)
-        shared = _CandidateEncoding()
-        result = self.similarities(positives[index], candidates, corrupt_head[index], model, shared)
+        for_rows = (lambda r: candidates) if pools is None else (lambda r: pools.select(r, self.groups_per_chunk))  # noqa: E731
+        shared = _CandidateEncoding() if pools is None else None  # pools: each call encodes its own candidates
+        result = self.similarities(positives[index], for_rows(index), corrupt_head[index], model, shared)
         if len(rest) == 0:
             return result
         with torch.no_grad():
-            others = self.similarities(positives[rest], candidates, corrupt_head[rest], model, shared)
+            others = self.similarities(positives[rest], for_rows(rest), corrupt_head[rest], model, shared)
+        width = candidates.width if pools is not None else len(candidates)
         merged = {}
         for name, (sim, valid) in result.items():
             other_sim, other_valid = others[name]
-            full_sim = other_sim.new_empty(len(rows), other_sim.shape[1]).index_put_((rest,), other_sim).index_put((index,), sim)
-            full_valid = other_valid.new_empty(len(rows), other_valid.shape[1]).index_put_((rest,), other_valid).index_put_((index,), valid)
+            full_sim = sim.new_zeros(len(rows), width)
+            full_sim[rest, : other_sim.shape[1]] = other_sim
+            full_sim = full_sim.index_put((index.unsqueeze(1), torch.arange(sim.shape[1], device=sim.device)), sim)
+            full_valid = valid.new_zeros(len(rows), width)
+            full_valid[rest, : other_valid.shape[1]] = other_valid
+            full_valid[index, : valid.shape[1]] = valid
             merged[name] = (full_sim, full_valid)
         return merged
 
@@ -494,7 +505,7 @@ class MMRNSSampler(NegativeSampler):
             own = row_ids == own_entity.unsqueeze(1)  # [B, P]
             known = self.known_positives.answers_among(positives, candidates, corrupt_head) | own
         noise = gumbel_noise((n, batch, row_ids.shape[1]), self.generator, device) if straight_through else None
-        if straight_through or self.faithful or slots is not None:
+        if straight_through or self.faithful:
             similarities = self.similarities(positives, candidates, corrupt_head, model)
         else:  # only rows with a contrastive positive give the sampler a gradient: the rest without autograd
             similarities = self._contrastive_rows_with_grad(positives, candidates, corrupt_head, model, (known & ~own).any(1))
