@@ -8,7 +8,8 @@ Per training step (``step`` 0-based):
 1. Pre-sample (sec. 4.3.2): one uniform set of ``P`` candidates shared by the batch (the
    paper only says "we randomly sample a subset of entities first"; the script shares it,
    and sharing lets every per-candidate computation run once). ``P = ceil(|E|/10)`` by
-   default. (``presample_scope: relation``, a variant: one pool per relation group, below.) Even steps corrupt tails, odd steps heads (the script alternates batches).
+   default (``presample_scope: relation``, a variant: one pool per relation group, below).
+   Even steps corrupt tails, odd steps heads (the script alternates batches).
 2. Representations of the candidates and of each row's *positive entity* (the entity
    being replaced: the tail for tail corruption, the head for head corruption): KCA
    (eqs. 1-6, :mod:`~pipeline.samplers.mmrns.kca`) for image and text, encoded once for
