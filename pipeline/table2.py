@@ -139,13 +139,16 @@ def override_arguments(cell: Cell) -> list[str]:
 # -- collecting experiments ------------------------------------------------------------------
 def _records(node: Any) -> Iterator[dict]:
     """Every experiment/commit entry of ``dvc exp show --json`` (nested at any depth) that
-    carries a ``data`` mapping with params."""
+    carries a ``data`` mapping with params, except unfinished experiments: a queued or running
+    one is shown with ``data.rev == "workspace"`` under its own rev and the workspace's metric
+    files, which are not its results."""
     if isinstance(node, list):
         for item in node:
             yield from _records(item)
     elif isinstance(node, dict):
         data = node.get("data")
-        if isinstance(data, dict) and "params" in data:
+        unfinished = isinstance(data, dict) and data.get("rev") == "workspace" and node.get("rev") != "workspace"
+        if isinstance(data, dict) and "params" in data and not unfinished:
             yield {"name": node.get("name") or data.get("name"), "data": data}
         for value in node.values():
             if isinstance(value, (list, dict)) and value is not data:

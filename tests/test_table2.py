@@ -56,6 +56,14 @@ def metrics(mrr, mr=1000.0):
     return {"mrr": mrr, "mr": mr, "hits@1": mrr - 0.05, "hits@3": mrr + 0.02, "hits@10": mrr + 0.1}
 
 
+def queued(name, sampler):
+    """A queued or running experiment as DVC shows it: its params, the *workspace's* metric files
+    (stale: they belong to the commit it was queued from) and ``data.rev == "workspace"``."""
+    record = experiment(name, "mkg-w", "TransE", sampler, metrics(0.99, 1), None)
+    record["data"]["rev"] = "workspace"
+    return record
+
+
 def dvc_show():
     """The shape of DVC 3's `dvc exp show --json`: workspace, a commit, its experiments nested."""
     head = experiment(None, "mkg-w", "TransE", "uniform", None, "2026-01-01T00:00:00")
@@ -64,7 +72,7 @@ def dvc_show():
         {"name": "old-sans", "revs": [experiment("old-sans", "mkg-w", "TransE", "sans", metrics(0.10), "2026-01-05T00:00:00")]},
         {"name": "t2-mkg-w-transe-sans", "revs": [experiment("t2-mkg-w-transe-sans", "mkg-w", "TransE", "sans", metrics(0.31, 500), "2026-01-03T00:00:00")]},
         {"name": "t2-mkg-w-transe-kbgan", "revs": [experiment("t2-mkg-w-transe-kbgan", "mkg-w", "TransE", "kbgan", metrics(0.25, 1500), "2026-01-04T00:00:00")]},
-        {"name": "t2-mkg-w-transe-nscaching", "revs": [experiment("t2-mkg-w-transe-nscaching", "mkg-w", "TransE", "nscaching", None, None)]},  # queued
+        {"name": "t2-mkg-w-transe-nscaching", "revs": [queued("t2-mkg-w-transe-nscaching", "nscaching")]},
     ]
     return [experiment("workspace", "mkg-w", "TransE", "uniform", None, None), head]
 
