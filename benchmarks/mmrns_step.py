@@ -14,8 +14,9 @@ KGC loss + auxiliary loss + backward + Adam. Configurations:
   (``presample_scope: relation``, ``presample_min`` 50; a variant, not the published math);
 - ``uniform``: the Uniform sampler, same model, loss and optimizer;
 - ``floor`` (printed after Uniform): :func:`matmul_floor`, the time of the matrix products the
-  published math needs at this graph's distinct relations per batch, as plain GEMMs: no
-  implementation of the published step on this machine is faster than this line.
+  published math needs at this graph's distinct relations per batch, each run alone as one plain
+  GEMM: a practical lower bound of the published step on this machine (everything else it does
+  only adds to it).
 
 Each configuration runs in a fresh process (its peak RSS, ``ru_maxrss``, is its own) and
 prints ``NAME median X s/step (CPU Y s) peak RSS Z GiB``, its ratio to Uniform's median from

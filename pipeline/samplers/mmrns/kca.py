@@ -35,9 +35,10 @@ Linear's block for slot ``k``)::
 So the relation-gated branches of every candidate under every relation of a batch
 (:meth:`CrossModalAttention.candidate_cosine`), whose coefficients ``C`` depend on (relation,
 entity), cost ``[R, N, K, J]`` (96 numbers per pair) instead of ``[R, N, K, a]``; ``S`` and
-``U`` are computed once per entity. An entity under one relation (:meth:`CrossModalAttention.forward`)
-takes the direct form, cheaper than ``U`` alone. This is the same mathematics as the direct form (tested against
-it) and what makes per-relation evaluation over a 1500-entity pre-sample cheap.
+``U`` are computed once per entity. This is the same mathematics as the direct form (tested
+against it) and what makes per-relation evaluation over a 1500-entity pre-sample cheap. An
+entity under one relation (:meth:`CrossModalAttention.forward`) and the relation-free branch take
+the direct form ``Linear(flatten(LN(C ê)))``, cheaper than ``U`` alone.
 """
 from __future__ import annotations
 
@@ -59,10 +60,8 @@ GATED_CHUNK_ELEMENTS = 2**18
 class TokenFactors:
     """Per-entity factors of ``Linear(flatten(LayerNorm(C ê)))`` for one modality's output."""
 
-    tokens: torch.Tensor  # [N, J, a] ê
     gram: torch.Tensor  # [N, J, J] S = ê^c ê^c^T / a
     normalised: torch.Tensor  # [N, J, K, a] U with the LayerNorm scale γ (centred tokens)
-
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class CrossModalAttention(nn.Module):
         self.text_output = nn.Linear(self.image_tokens * attention_dim, attention_dim)
 
     def encode(self, visual: torch.Tensor, text: torch.Tensor, with_image: torch.Tensor) -> Encoded:
-        """Eqs. 1-2 and the per-entity factors of ``N`` entities: ``text [N, Tt, D_t]``, and
+        """Eqs. 1-2 for ``N`` entities: ``text [N, Tt, D_t]``, and
         ``visual [M, Ti, D_i]`` for the ``M`` entities of ``with_image [N]`` (bool) only; the others'
         image features are zeros, whose projection is the bias (not computed)."""
         bias = self.visual_projection.bias
@@ -120,7 +119,7 @@ class CrossModalAttention(nn.Module):
         centred = tokens - tokens.mean(-1, keepdim=True)
         gram = centred @ centred.transpose(1, 2) / self.attention_dim  # [N, J, J]
         normalised = torch.einsum("nja,oka->njko", centred * self.norm.weight, blocks)
-        return TokenFactors(tokens, gram, normalised)
+        return TokenFactors(gram, normalised)
 
     def _gated_inputs(self, factors: TokenFactors, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-entity inputs of the relation-gated branch for ``cross [N, K, J]`` (slot-major M):

@@ -453,10 +453,8 @@ class MMRNSSampler(NegativeSampler):
         slot, standardised per row over its pre-sample (``slots [., W]``: not padding)."""
         side = "head" if bool(corrupt_head[0]) else "tail"  # one side per step
         scores = model.score_all(positives, side)
-        if row_ids.shape[0] == 1:  # shared pre-sample
-            scores = scores[:, row_ids[0]]
-            return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
-        scores, count = scores.gather(1, row_ids), slots.sum(1, keepdim=True)
+        scores, slots = scores.gather(1, row_ids.expand(len(scores), -1)), slots.expand(len(scores), -1)
+        count = slots.sum(1, keepdim=True)
         mean = (scores * slots).sum(1, keepdim=True) / count
         spread = (((scores - mean) * slots).square().sum(1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
         return ((scores - mean) / spread.clamp_min(1e-6)).masked_fill(~slots, 0)
@@ -521,7 +519,7 @@ class MMRNSSampler(NegativeSampler):
             if straight_through:
                 draws = straight_through_draws(logits, eligible, noise)
                 sign = -1.0 if self.kgc_gradient == "maximise" else 1.0
-                table, by_presample = self._candidate_table(model, candidates, batch * n)
+                table, by_presample = self._candidate_table(model, candidates, batch, n)
                 representations = StraightThroughSelect.apply(draws.soft, draws.positions, table, by_presample, sign)  # [B, n, d]
             else:
                 draws = gumbel_top_k(logits, eligible, n, self.generator)
@@ -537,15 +535,15 @@ class MMRNSSampler(NegativeSampler):
         return negatives
 
     def _candidate_table(
-        self, model: KGCModel, candidates: torch.Tensor | RelationPools, draws: int
+        self, model: KGCModel, candidates: torch.Tensor | RelationPools, batch: int, per_row: int
     ) -> tuple[torch.Tensor, RowGroups]:
         """The model's representations of the pre-sample ``[Q, W, d]`` (``Q = 1``: shared) and the
-        ``draws`` (``B n``, row-major) grouped by the pre-sample they draw from."""
+        ``batch · per_row`` draws (row-major) grouped by the pre-sample they draw from."""
         if isinstance(candidates, RelationPools):
             groups = candidates.groups
-            by_presample = RowGroups.build(groups.group.repeat_interleave(draws // len(groups.group)), groups.num_groups, self.groups_per_chunk)
+            by_presample = RowGroups.build(groups.group.repeat_interleave(per_row), groups.num_groups, self.groups_per_chunk)
             return candidates.pad(model.entity_representations(candidates.ids)), by_presample
-        return model.entity_representations(candidates).unsqueeze(0), RowGroups.single(draws, candidates.device)
+        return model.entity_representations(candidates).unsqueeze(0), RowGroups.single(batch * per_row, candidates.device)
 
     def _uniform(self, positives: torch.Tensor) -> Negatives:
         """Warm start: uniform entities, head or tail 50/50 per row (the Uniform sampler's draws)."""
