@@ -18,7 +18,8 @@ from pipeline.samplers import SAMPLERS
 from pipeline.samplers.mmrns import MMRNSSampler, exploration_factor, presample_count
 from pipeline.samplers.mmrns.draws import LOG_MASK, StraightThroughSelect, gumbel_top_k, straight_through_draws
 from pipeline.samplers.mmrns.groups import RowGroups, grouped_cosine
-from pipeline.samplers.mmrns.kca import LEAKY_SLOPE
+from pipeline.samplers.mmrns import kca as kca_module
+from pipeline.samplers.mmrns.kca import LEAKY_SLOPE, gathered_linear
 from pipeline.samplers.mmrns.pools import RelationPools
 
 E, R, DIM, NEG = 80, 5, 12, 4
@@ -235,6 +236,24 @@ def test_grouped_cosine_matches_per_row_cosine():
         torch.testing.assert_close(grouped_cosine(candidates, queries, groups), expected, atol=1e-6, rtol=0)
     single = RowGroups.single(50, "cpu")
     torch.testing.assert_close(grouped_cosine(candidates[:1], queries, single), cosine(candidates[0][None], queries[:, None]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gathered_linear_equals_the_layer_on_the_gathered_rows(dtype, monkeypatch):
+    monkeypatch.setattr(kca_module, "GATHER_CHUNK_ELEMENTS", 3 * 24 * 10)  # 3 rows per chunk: 5 chunks
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(30, 24, 10, generator=g).to(dtype)
+    ids = torch.tensor([4, 29, 4, 0, 17, 8, 8, 3, 22, 11, 5, 1, 2])  # repeats, 13 rows: a partial last chunk
+    layer = torch.nn.Linear(10, 6)
+    weights = torch.randn(13, 24, 6, generator=g)
+    (gathered_linear(table, ids, layer) * weights).sum().backward()
+    fast = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    expected = layer(table[ids].float())
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(gathered_linear(table, ids, layer), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast, [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_straight_through_select_matches_one_hot_matmul():

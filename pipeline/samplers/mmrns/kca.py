@@ -54,6 +54,8 @@ from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, cosine_backwar
 LEAKY_SLOPE = 0.1
 #: Coefficients ``[n, G, K J]`` per chunk of entities in :func:`gated_cosine` (about 1 MB: in cache).
 GATED_CHUNK_ELEMENTS = 2**18
+#: Feature values per chunk of rows in :func:`gathered_linear` (8 MiB at float32).
+GATHER_CHUNK_ELEMENTS = 2**21
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,18 @@ class CrossModalAttention(nn.Module):
         self.visual_output = nn.Linear(self.text_tokens * attention_dim, attention_dim)
         self.text_output = nn.Linear(self.image_tokens * attention_dim, attention_dim)
 
-    def encode(self, visual: torch.Tensor, text: torch.Tensor, with_image: torch.Tensor) -> Encoded:
-        """Eqs. 1-2 for ``N`` entities: ``text [N, Tt, D_t]``, and
-        ``visual [M, Ti, D_i]`` for the ``M`` entities of ``with_image [N]`` (bool) only; the others'
-        image features are zeros, whose projection is the bias (not computed)."""
+    def encode(self, entities: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, has_image: torch.Tensor) -> Encoded:
+        """Eqs. 1-2 for ``entities [N]``, rows of the feature tables ``visual [E, Ti, D_i]`` and
+        ``text [E, Tt, D_t]`` (stored dtype; :func:`gathered_linear` casts a chunk at a time).
+        Entities without an image (``has_image [E]`` False) have zero image features, whose
+        projection is the bias (not computed)."""
         bias = self.visual_projection.bias
-        projected = bias.expand(len(with_image), self.image_tokens, len(bias))  # [N, Ti, a]
-        if len(visual):
-            projected = projected.index_put((with_image,), self.visual_projection(visual))
+        with_image = has_image[entities]  # [N]
+        projected = bias.expand(len(entities), self.image_tokens, len(bias))  # [N, Ti, a]
+        if bool(with_image.any()):
+            projected = projected.index_put((with_image,), gathered_linear(visual, entities[with_image], self.visual_projection))
         image = F.leaky_relu(projected, LEAKY_SLOPE)  # [N, Ti, a]
-        words = F.leaky_relu(self.text_projection(text), LEAKY_SLOPE)  # [N, Tt, a]
+        words = F.leaky_relu(gathered_linear(text, entities, self.text_projection), LEAKY_SLOPE)  # [N, Tt, a]
         return Encoded(image @ words.transpose(1, 2), image, words)
 
     def _factors(self, tokens: torch.Tensor, output: nn.Linear) -> TokenFactors:
@@ -291,3 +295,45 @@ def _entity_chunks(entities: int, gate: torch.Tensor) -> list[slice]:
     """Slices of the entities with about ``GATED_CHUNK_ELEMENTS`` coefficients ``[n, G, K J]`` each."""
     size = max(1, GATED_CHUNK_ELEMENTS // max(1, gate[0].numel() * len(gate)))
     return [slice(first, min(entities, first + size)) for first in range(0, entities, size)]
+
+
+def gathered_linear(table: torch.Tensor, ids: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(table[ids].float())`` ``[M, T, a]`` for a feature table ``[E, T, D]`` (any dtype, no
+    gradient) and ``ids [M]``, without the ``[M, T, D]`` float32 copy: rows are gathered, cast and
+    projected a chunk at a time (the copy of a 1500-entity image pre-sample is 220 MB, and
+    allocating it page-faults every step), and the weight's gradient regathers them."""
+    return _GatheredLinear.apply(layer.weight, layer.bias, table, ids)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """Forward and backward of :func:`gathered_linear`; saves only ``ids``."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, bias: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        tokens, width = table.shape[1:]
+        output = weight.new_empty(len(ids), tokens, len(weight))
+        for part in _row_chunks(len(ids), tokens * width):
+            rows = table[ids[part]].to(device=weight.device, dtype=weight.dtype).view(-1, width)  # [m T, D]
+            torch.addmm(bias, rows, weight.T, out=output[part].view(-1, len(weight)))
+        ctx.table = table
+        ctx.save_for_backward(ids, weight)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ids, weight = ctx.saved_tensors
+        table = ctx.table
+        width = table.shape[-1]
+        grad_weight = torch.zeros_like(weight)  # [a, D]
+        grad_output = grad_output.contiguous()
+        for part in _row_chunks(len(ids), table.shape[1] * width):
+            rows = table[ids[part]].to(device=weight.device, dtype=weight.dtype).view(-1, width)
+            grad_weight.addmm_(grad_output[part].view(-1, len(weight)).T, rows)
+        ctx.table = None
+        return grad_weight, grad_output.sum((0, 1)), None, None
+
+
+def _row_chunks(rows: int, per_row: int) -> list[slice]:
+    """Slices of ``rows`` with about ``GATHER_CHUNK_ELEMENTS`` values each."""
+    size = max(1, GATHER_CHUNK_ELEMENTS // per_row)
+    return [slice(first, min(rows, first + size)) for first in range(0, rows, size)]

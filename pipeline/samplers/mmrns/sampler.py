@@ -438,11 +438,8 @@ class MMRNSSampler(NegativeSampler):
         return {"image": sim_image, "text": sim_text}
 
     def encode(self, entities: torch.Tensor) -> Encoded:
-        """KCA's relation-free part (eqs. 1-2) for ``entities [N]``, reading image features only
-        for the entities that have an image."""
-        with_image = self.visual_mask[entities]
-        visual = self.visual_features[entities[with_image]].float()  # [M, Ti, D_i]
-        return self.kca.encode(visual, self.text_features[entities].float(), with_image)
+        """KCA's relation-free part (eqs. 1-2) for ``entities [N]``."""
+        return self.kca.encode(entities, self.visual_features, self.text_features, self.visual_mask)
 
     @torch.no_grad()
     def _score_similarity(
