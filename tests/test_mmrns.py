@@ -16,7 +16,7 @@ from pipeline.losses import NegativeSamplingLoss
 from pipeline.models import MODELS, build_model
 from pipeline.samplers import SAMPLERS
 from pipeline.samplers.mmrns import MMRNSSampler, exploration_factor, presample_count
-from pipeline.samplers.mmrns.draws import LOG_MASK, StraightThroughSelect, gumbel_top_k, straight_through_draws
+from pipeline.samplers.mmrns.draws import LOG_MASK, gumbel_top_k, straight_through_sample
 from pipeline.samplers.mmrns.groups import RowGroups, grouped_cosine
 from pipeline.samplers.mmrns import kca as kca_module
 from pipeline.samplers.mmrns.kca import LEAKY_SLOPE, gathered_linear
@@ -185,23 +185,36 @@ def reference_draws(logits, eligible, noise):
     return torch.stack(positions, 1), torch.stack(drawn, 1), torch.stack(soft, 1)
 
 
-def test_vectorised_draws_equal_sequential_draws():
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_straight_through_sample_equals_sequential_draws_and_one_hot_matmul(sign):
+    """Choices equal the sequential draws; the output is the drawn candidates exactly and its
+    gradients are those of ``sign``-scaled ``(one_hot + y - y.detach()) @ candidates`` with the
+    sequential relaxations, for one pre-sample shared by the rows and one per group of rows."""
     g = torch.Generator().manual_seed(0)
-    batch, presample, n = 30, 12, 5
-    for trial in range(4):
+    batch, presample, n, d = 30, 12, 5, 7
+    for trial, pools in enumerate((1, 1, 3, 3)):
         logits = torch.randn(batch, presample, generator=g, requires_grad=True)
         eligible = torch.rand(batch, presample, generator=g) > 0.3
         eligible[0] = False  # a row with nothing to draw
         eligible[1, :3], eligible[1, 3:] = True, False  # a row that runs out after 3 draws
         noise = -torch.log(-torch.log(torch.rand(n, batch, presample, generator=g)))
-        draws = straight_through_draws(logits, eligible, noise.clone())  # overwrites its noise
+        table = torch.randn(pools, presample, d, generator=g, requires_grad=True)
+        group = torch.randint(pools, (batch,), generator=g)
+        group[:pools] = torch.arange(pools)  # every pre-sample used
+        rows = RowGroups.build(group, pools, 2)
+        actual, draws = straight_through_sample(logits, eligible, noise.clone(), table, rows, sign)  # overwrites its noise
         positions, drawn, soft = reference_draws(logits, eligible, noise)
         assert torch.equal(draws.positions, positions) and torch.equal(draws.drawn, drawn)
-        torch.testing.assert_close(draws.soft, soft, atol=1e-6, rtol=1e-5)
-        weight = torch.randn(soft.shape, generator=g)
-        mine, = torch.autograd.grad((draws.soft * weight).sum(), logits)
-        theirs, = torch.autograd.grad((soft * weight).sum(), logits)
-        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+        candidates = table[group]  # [B, W, d]
+        assert torch.equal(actual, torch.gather(candidates, 1, positions.unsqueeze(-1).expand(-1, -1, d)))
+        hard = F.one_hot(positions, presample).float()
+        relaxed = soft * sign + (soft * (1 - sign)).detach()  # sign-scaled gradient, same value
+        expected = (hard + relaxed - relaxed.detach()) @ candidates
+        weight = torch.randn(batch, n, d, generator=g)
+        mine = torch.autograd.grad((actual * weight).sum(), (logits, table))
+        theirs = torch.autograd.grad((expected * weight).sum(), (logits, table))
+        for got, want in zip(mine, theirs):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_gumbel_top_k_follows_sequential_draws_without_replacement():
@@ -254,26 +267,6 @@ def test_gathered_linear_equals_the_layer_on_the_gathered_rows(dtype, monkeypatc
     torch.testing.assert_close(gathered_linear(table, ids, layer), expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(fast, [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_straight_through_select_matches_one_hot_matmul():
-    """One pre-sample shared by the rows and one per group of rows: the gather equals the
-    straight-through product with each row's own candidates, forward and backward."""
-    g = torch.Generator().manual_seed(0)
-    for pools, group in ((1, torch.zeros(3, dtype=torch.long)), (2, torch.tensor([1, 0, 1]))):
-        logits = torch.randn(3, 4, 6, generator=g, requires_grad=True)
-        table = torch.randn(pools, 6, 5, generator=g, requires_grad=True)
-        index = torch.randint(6, (3, 4), generator=g)
-        weight = torch.randn(3, 4, 5, generator=g)
-        soft = logits.softmax(-1)
-        hard = F.one_hot(index, 6).float()
-        expected = (hard - soft.detach() + soft) @ table[group]
-        grads = torch.autograd.grad((expected * weight).sum(), (logits, table))
-        draws = RowGroups.build(group.repeat_interleave(4), pools, 1)
-        actual = StraightThroughSelect.apply(logits.softmax(-1), index, table, draws)
-        assert torch.equal(actual, table[group.unsqueeze(1), index])
-        for mine, theirs in zip(torch.autograd.grad((actual * weight).sum(), (logits, table)), grads):
-            torch.testing.assert_close(mine, theirs)
 
 
 def test_kgc_loss_reaches_kca_parameters_through_the_sample():
@@ -632,7 +625,7 @@ def test_kgc_gradient_none_draws_by_gumbel_top_k_and_learns_from_the_contrastive
     known = {tuple(t) for t in graph.train.tolist()}
     positives = graph.train[:20]
     negatives = sampler.sample(positives, model, step=0)
-    assert negatives.representations is None and sampler._context.draws.soft is None
+    assert negatives.representations is None
     for (h, r, t), ids, head in zip(positives.tolist(), negatives.ids.tolist(), negatives.corrupt_head.tolist()):
         assert len(set(ids)) == NEG and not any(((e, r, t) if head else (h, r, e)) in known for e in ids)
     loss, scores = kgc_loss(model, positives, negatives)

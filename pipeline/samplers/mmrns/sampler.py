@@ -114,7 +114,7 @@ from pipeline.models.base import KGCModel
 from pipeline.samplers.base import SAMPLERS, NegativeSampler, Negatives
 from pipeline.samplers.known_positives import KnownPositives
 from pipeline.samplers.mmrns.contrastive import WEIGHTS, contrastive_loss, contrastive_weights
-from pipeline.samplers.mmrns.draws import LOG_MASK, Draws, StraightThroughSelect, gumbel_noise, gumbel_top_k, straight_through_draws
+from pipeline.samplers.mmrns.draws import LOG_MASK, Draws, gumbel_noise, gumbel_top_k, straight_through_sample
 from pipeline.samplers.mmrns.groups import CosineForm, RowGroups, grouped_cosine, relation_groups
 from pipeline.samplers.mmrns.kca import CrossModalAttention, Encoded
 from pipeline.samplers.mmrns.pools import RelationPools
@@ -514,10 +514,9 @@ class MMRNSSampler(NegativeSampler):
                 row_any = has_any.any(1, keepdim=True)
                 eligible &= has_any | ~row_any
             if straight_through:
-                draws = straight_through_draws(logits, eligible, noise)
                 sign = -1.0 if self.kgc_gradient == "maximise" else 1.0
-                table, by_presample = self._candidate_table(model, candidates, batch, n)
-                representations = StraightThroughSelect.apply(draws.soft, draws.positions, table, by_presample, sign)  # [B, n, d]
+                table, rows = self._candidate_table(model, candidates, batch)
+                representations, draws = straight_through_sample(logits, eligible, noise, table, rows, sign)  # [B, n, d]
             else:
                 draws = gumbel_top_k(logits, eligible, n, self.generator)
                 representations = None
@@ -531,16 +530,12 @@ class MMRNSSampler(NegativeSampler):
         self._context = _StepContext(negatives, similarities, known, own, draws)
         return negatives
 
-    def _candidate_table(
-        self, model: KGCModel, candidates: torch.Tensor | RelationPools, batch: int, per_row: int
-    ) -> tuple[torch.Tensor, RowGroups]:
+    def _candidate_table(self, model: KGCModel, candidates: torch.Tensor | RelationPools, batch: int) -> tuple[torch.Tensor, RowGroups]:
         """The model's representations of the pre-sample ``[Q, W, d]`` (``Q = 1``: shared) and the
-        ``batch · per_row`` draws (row-major) grouped by the pre-sample they draw from."""
+        ``batch`` rows grouped by the pre-sample they draw from."""
         if isinstance(candidates, RelationPools):
-            groups = candidates.groups
-            by_presample = RowGroups.build(groups.group.repeat_interleave(per_row), groups.num_groups, self.groups_per_chunk)
-            return candidates.pad(model.entity_representations(candidates.ids)), by_presample
-        return model.entity_representations(candidates).unsqueeze(0), RowGroups.single(batch * per_row, candidates.device)
+            return candidates.pad(model.entity_representations(candidates.ids)), candidates.groups
+        return model.entity_representations(candidates).unsqueeze(0), RowGroups.single(batch, candidates.device)
 
     def _uniform(self, positives: torch.Tensor) -> Negatives:
         """Warm start: uniform entities, head or tail 50/50 per row (the Uniform sampler's draws)."""
