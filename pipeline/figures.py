@@ -245,6 +245,15 @@ def figure_budget(runs: list[Run], defaults: dict[str, Any], given: dict[str, in
     return budget
 
 
+def panels(chosen: list[Point]) -> list[list[Point]]:
+    """``chosen`` split by the PNG that plots them (Fig. 4: one per model): each is one figure with
+    one training budget (:func:`collect`), so TransE and DistMult may be run for different budgets."""
+    split: dict[tuple[str, str | None], list[Point]] = {}
+    for point in chosen:
+        split.setdefault((point.figure, point.cell.model if point.figure == "fig4" else None), []).append(point)
+    return list(split.values())
+
+
 def collect(shown: Any, chosen: list[Point], defaults: dict[str, Any], given: dict[str, int] | None = None) -> dict[Point, Result]:
     """The result of each point of ``chosen`` (one figure's: they share a budget) found in ``dvc exp
     show --json`` output: its :func:`matches` of the :func:`figure_budget` (see the module docstring)."""

@@ -92,10 +92,14 @@ def figures(
     given = module.parse_budget(budget or [])
     every = []
     for name, points in selected_points(figure, sampler).items():
-        results = module.collect(shown, points, defaults, given)
+        results, budgets = {}, []
+        for panel in module.panels(points):  # one budget each
+            found = module.collect(shown, panel, defaults, given)
+            results.update(found)
+            budgets.append(module.describe({key: value for result in found.values() for key, value in result.budget.items()}))
         written = module.RENDERERS[name](results, points, out)
         missing = [p for p in points if p not in results]
-        plotted = module.describe({key: value for result in results.values() for key, value in result.budget.items()})
+        plotted = "; ".join(dict.fromkeys(b for b in budgets if b))
         typer.echo(f"{name}: {len(points) - len(missing)} of {len(points)} points found{f' at {plotted}' if plotted else ''} -> {', '.join(map(str, written))}")
         if missing:
             listed = ", ".join(p.name() for p in missing[:12]) + (f", ... ({len(missing) - 12} more)" if len(missing) > 12 else "")

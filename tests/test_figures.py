@@ -134,6 +134,31 @@ def test_a_point_never_mixes_training_budgets():
     assert fig5 == {value: (f"eps0-{value}",) for value in figures.FIG5_EPS0 if value != DEFAULTS["sampler.mmrns.eps0"]}  # not the default's 6000-step warm start
 
 
+def test_fig4_models_may_have_different_budgets(tmp_path):
+    """Each Fig. 4 PNG (one per model) is a figure of its own budget: MMRNS warm-started for 2000
+    steps with TransE and 500 with DistMult plot side by side, each beside its own Uniform runs."""
+    revs = []
+    for model, warm in (("TransE", 2000), ("DistMult", 500)):
+        for sampler in ("uniform", "mmrns"):
+            for dim in (50, 100):
+                point = figures.Point("fig4", Cell("mkg-w", model, sampler), "train.dim", dim)
+                changes = {"train.steps": 3000, "sampler.mmrns.warm_start": warm}
+                revs.append(experiment(f"{model}-{sampler}-{dim}", params_of(point, **changes), {"mrr": 0.2, "hits@10": 0.3}, "2026-01-01"))
+    head = experiment("main", yaml.safe_load((REPO / "params.yaml").read_text()), None, "2026-01-01")
+    head["experiments"] = [{"name": r["name"], "revs": [r]} for r in revs]
+    chosen = figures.points("fig4", ["uniform", "mmrns"])
+    with pytest.raises(Exception, match="4 training budgets"):
+        figures.collect([head], chosen, DEFAULTS)  # both models as one figure: their budgets differ
+    shown = tmp_path / "show.json"
+    shown.write_text(json.dumps([head]))
+    result = CliRunner().invoke(app, ["figures", "--experiments", str(shown), "--out", str(tmp_path), "--figure", "fig4",
+                                      "--sampler", "uniform", "--sampler", "mmrns"])
+    assert result.exit_code == 0, result.output
+    assert "sampler.mmrns.warm_start=2000" in result.output and "sampler.mmrns.warm_start=500" in result.output
+    rows = [r for r in csv.DictReader(io.StringIO((tmp_path / "figures.csv").read_text())) if r["seeds"] != "0"]
+    assert len(rows) == 8 and {r["experiments"] for r in rows} == {r["name"] for r in revs}
+
+
 def test_figures_command_plots_one_budget_and_names_several(tmp_path):
     shown = tmp_path / "show.json"
     shown.write_text(json.dumps(budget_show()))
