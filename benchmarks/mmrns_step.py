@@ -16,7 +16,8 @@ KGC loss + auxiliary loss + backward + Adam. Configurations:
 - ``floor`` (printed after Uniform): :func:`matmul_floor`, the time of the matrix products the
   published math needs at this graph's distinct relations per batch, each run alone as one plain
   GEMM: a practical lower bound of the published step on this machine (everything else it does
-  only adds to it).
+  only adds to it); ``floor-detached``: the same for ``mmrns-detached``, whose gradients reach
+  only the relation groups with a row whose query has another known answer in the pre-sample.
 
 Each configuration runs in a fresh process (its peak RSS, ``ru_maxrss``, is its own) and
 prints ``NAME median X s/step (CPU Y s) peak RSS Z GiB``, its ratio to Uniform's median from
@@ -163,25 +164,53 @@ def run(config: str, steps: int, threads: int, data: str | None, text_cache: str
     }
 
 
-def matmul_floor(graph: KnowledgeGraph, batch: int, presample: int, threads: int) -> dict:
-    """The matrix products the published step cannot avoid (exact math, one pre-sample per batch),
-    counted for this graph's mean number ``G`` of distinct relations per batch and timed as GEMMs of
-    the same shapes on this machine: structure (eq. 7's second layer over ``[G, P]``, its two
-    gradients), relation-gated KCA per modality (coefficients x values and the LayerNorm variance
-    over ``[P, G]``, forward and two gradients each), the straight-through gradient ``[B n, d] x [d, P]``."""
+def batch_groups(graph: KnowledgeGraph, batch: int, presample: int, draws: int = 50) -> tuple[float, float]:
+    """Mean over ``draws`` random batches (half corrupting heads, half tails) of ``G``, the distinct
+    relations of a batch, and ``G_c``, those with a row whose query has another known answer in a
+    uniform pre-sample of ``presample`` entities (the rows the contrastive loss differentiates)."""
+    generator = torch.Generator().manual_seed(0)
+    train = graph.train
+    answers: dict[tuple[str, int, int], list[int]] = {}
+    for h, r, t in train.tolist():
+        answers.setdefault(("tail", h, r), []).append(t)
+        answers.setdefault(("head", t, r), []).append(h)
+    groups, contrastive = [], []
+    for k in range(draws):
+        rows = train[torch.randint(len(train), (batch,), generator=generator)].tolist()
+        chosen = torch.zeros(graph.num_entities, dtype=torch.bool)
+        chosen[torch.randperm(graph.num_entities, generator=generator)[:presample]] = True
+        side = "head" if k % 2 else "tail"
+        active = set()
+        for h, r, t in rows:
+            kept, own = (t, h) if side == "head" else (h, t)
+            if any(bool(chosen[e]) and e != own for e in answers[(side, kept, r)]):
+                active.add(r)
+        groups.append(len({r for _, r, _ in rows}))
+        contrastive.append(len(active))
+    return statistics.mean(groups), statistics.mean(contrastive)
+
+
+def matmul_floor(groups: float, contrastive_groups: float | None, batch: int, presample: int, threads: int) -> dict:
+    """The matrix products an MMRNS step cannot avoid (exact math, one pre-sample per batch) at
+    ``groups`` distinct relations per batch, timed as GEMMs of the same shapes on this machine:
+    structure (eq. 7's second layer over ``[G, P]``), relation-gated KCA per modality
+    (coefficients x values and the LayerNorm variance over ``[P, G]``), each forward over all ``G``
+    groups and its two gradients over the groups that get one: all of them and the
+    straight-through gradient ``[B n, d] x [d, P]`` for the published step
+    (``contrastive_groups=None``), only the ``G_c`` groups with a contrastive positive without
+    the KGC gradient."""
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
-    relations = graph.train[:, 1]
-    groups = statistics.mean(
-        len(torch.unique(relations[torch.randint(len(relations), (batch,), generator=generator)])) for _ in range(50)
-    )
     g = round(groups)
+    graded = g if contrastive_groups is None else round(contrastive_groups)
     hidden, attention = 100, 50
-    shapes = [(g * presample, hidden, DIM)] * 3  # forward, grad of W2, grad of the hidden layer
+    shapes = [(g * presample, hidden, DIM)] + [(graded * presample, hidden, DIM)] * 2  # forward, grad of W2, grad of the hidden layer
     for slots, tokens in ((4, 24), (24, 4)):  # visual (K = Tt, J = Ti), text (K = Ti, J = Tt)
-        shapes += [(presample * g, slots * tokens, attention)] * 3
-        shapes += [(slots * presample, tokens * tokens, g)] * 3
-    shapes.append((batch * NEGATIVES, DIM, presample))
+        shapes += [(presample * g, slots * tokens, attention)] + [(presample * graded, slots * tokens, attention)] * 2
+        shapes += [(slots * presample, tokens * tokens, g)] + [(slots * presample, tokens * tokens, graded)] * 2
+    if contrastive_groups is None:
+        shapes.append((batch * NEGATIVES, DIM, presample))
+    shapes = [shape for shape in shapes if min(shape) > 0]
     flops = sum(2 * m * k * n for m, k, n in shapes)
     seconds = 0.0
     for m, k, n in shapes:
@@ -192,7 +221,7 @@ def matmul_floor(graph: KnowledgeGraph, batch: int, presample: int, threads: int
             a @ b
             timings.append(time.perf_counter() - start)
         seconds += min(timings[1:])
-    return {"groups": groups, "gflop": flops / 1e9, "seconds": seconds}
+    return {"gflop": flops / 1e9, "seconds": seconds}
 
 
 def measure(args: argparse.Namespace, config: str, data: str | None, presample: int, batch: int) -> dict:
@@ -244,10 +273,13 @@ def main() -> None:
     uniform = {b: measure(args, "uniform", data, presamples[0], b) for b in batches}
     for b in batches:
         print(line(uniform[b], None), flush=True)
-    floor = matmul_floor(benchmark_graph(data, torch.Generator().manual_seed(0)), batches[0], presamples[0], args.threads)
-    print(f"{'floor':15s} median {floor['seconds']:.3f} s/step  {floor['seconds'] / uniform[batches[0]]['median_step_s']:.1f}x uniform  "
-          f"(the published step's unavoidable matrix products: {floor['gflop']:.1f} GFLOP at G = {floor['groups']:.1f} "
-          f"distinct relations per batch, timed as plain GEMMs here)", flush=True)
+    groups, contrastive = batch_groups(benchmark_graph(data, torch.Generator().manual_seed(0)), batches[0], presamples[0])
+    base = uniform[batches[0]]["median_step_s"]
+    for name, graded, what in (("floor", None, "the published step's"), ("floor-detached", contrastive, "the detached step's")):
+        floor = matmul_floor(groups, graded, batches[0], presamples[0], args.threads)
+        print(f"{name:15s} median {floor['seconds']:.3f} s/step  {floor['seconds'] / base:.1f}x uniform  "
+              f"({what} unavoidable matrix products: {floor['gflop']:.1f} GFLOP at G = {groups:.1f} distinct relations per batch"
+              f"{f', G_c = {contrastive:.1f} of them with a contrastive positive' if graded is not None else ''}, timed as plain GEMMs here)", flush=True)
     for config in configs:
         if config == "uniform":
             continue
