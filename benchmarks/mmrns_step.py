@@ -54,6 +54,7 @@ from pipeline.graph import KnowledgeGraph, load_graph  # noqa: E402
 from pipeline.losses import NegativeSamplingLoss  # noqa: E402
 from pipeline.models import MODELS  # noqa: E402
 from pipeline.samplers import SAMPLERS  # noqa: E402
+from pipeline.samplers.known_positives import KnownPositives  # noqa: E402
 from pipeline.samplers.mmrns import MMRNSSampler  # noqa: E402
 from pipeline.training import GradientDensifier, TrainSettings, build_optimizer  # noqa: E402
 
@@ -167,26 +168,19 @@ def run(config: str, steps: int, threads: int, data: str | None, text_cache: str
 def batch_groups(graph: KnowledgeGraph, batch: int, presample: int, draws: int = 50) -> tuple[float, float]:
     """Mean over ``draws`` random batches (half corrupting heads, half tails) of ``G``, the distinct
     relations of a batch, and ``G_c``, those with a row whose query has another known answer in a
-    uniform pre-sample of ``presample`` entities (the rows the contrastive loss differentiates)."""
+    uniform pre-sample of ``presample`` entities (the rows the contrastive loss differentiates; the
+    sampler's own test, :meth:`KnownPositives.answers_among`)."""
     generator = torch.Generator().manual_seed(0)
-    train = graph.train
-    answers: dict[tuple[str, int, int], list[int]] = {}
-    for h, r, t in train.tolist():
-        answers.setdefault(("tail", h, r), []).append(t)
-        answers.setdefault(("head", t, r), []).append(h)
+    known = KnownPositives(graph.train, graph.num_entities, graph.num_relations)
     groups, contrastive = [], []
     for k in range(draws):
-        rows = train[torch.randint(len(train), (batch,), generator=generator)].tolist()
-        chosen = torch.zeros(graph.num_entities, dtype=torch.bool)
-        chosen[torch.randperm(graph.num_entities, generator=generator)[:presample]] = True
-        side = "head" if k % 2 else "tail"
-        active = set()
-        for h, r, t in rows:
-            kept, own = (t, h) if side == "head" else (h, t)
-            if any(bool(chosen[e]) and e != own for e in answers[(side, kept, r)]):
-                active.add(r)
-        groups.append(len({r for _, r, _ in rows}))
-        contrastive.append(len(active))
+        positives = graph.train[torch.randint(len(graph.train), (batch,), generator=generator)]
+        candidates = torch.randperm(graph.num_entities, generator=generator)[:presample]
+        corrupt_head = torch.full((batch,), k % 2 == 1)
+        own = candidates == torch.where(corrupt_head, positives[:, 0], positives[:, 2]).unsqueeze(1)  # [B, P]
+        rows = (known.answers_among(positives, candidates, corrupt_head) & ~own).any(1)
+        groups.append(len(torch.unique(positives[:, 1])))
+        contrastive.append(len(torch.unique(positives[rows, 1])))
     return statistics.mean(groups), statistics.mean(contrastive)
 
 

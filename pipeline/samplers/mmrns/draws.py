@@ -101,9 +101,16 @@ class _StraightThroughSample(torch.autograd.Function):
             grad_logits = torch.zeros_like(perturbed[0])  # [B, W]
             earlier = torch.zeros_like(grad_logits)  # ln(1e-38) at the columns of the draws before k
             everyone = torch.arange(len(positions), device=positions.device)
-            for k in range(perturbed.shape[0]):
+            n = perturbed.shape[0]
+            if len(table) == 1:  # shared pre-sample: one [B, d] x [d, P] product per draw, no [B, n, P] tensor
+                per_draw = None
+            else:  # pools (narrow W): every draw in one padded bmm per chunk of groups
+                width = rows.chunks[0].last - rows.chunks[0].first
+                by_draw = RowGroups.build(rows.group.repeat_interleave(n), rows.num_groups, width)
+                per_draw = grouped_dots(table, grad.reshape(-1, grad.shape[-1]), by_draw).view(len(positions), n, -1)  # [B, n, W]
+            for k in range(n):
                 relaxed = torch.softmax(perturbed[k] + earlier, dim=-1)  # y_k [B, W]
-                grad_relaxed = grouped_dots(table, grad[:, k], rows).mul_(ctx.sign)  # [B, W]
+                grad_relaxed = (grad[:, k] @ table[0].T if per_draw is None else per_draw[:, k]) * ctx.sign  # [B, W]
                 grad_relaxed -= (relaxed * grad_relaxed).sum(-1, keepdim=True)
                 grad_logits.addcmul_(relaxed, grad_relaxed)
                 earlier.index_put_((everyone, positions[:, k]), LOG_MASK * drawn[:, k].to(earlier.dtype), accumulate=True)
