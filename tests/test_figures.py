@@ -146,8 +146,10 @@ def test_fig4_models_may_have_different_budgets(tmp_path):
                 revs.append(experiment(f"{model}-{sampler}-{dim}", params_of(point, **changes), {"mrr": 0.2, "hits@10": 0.3}, "2026-01-01"))
     head = experiment("main", yaml.safe_load((REPO / "params.yaml").read_text()), None, "2026-01-01")
     head["experiments"] = [{"name": r["name"], "revs": [r]} for r in revs]
+    from pipeline.errors import ConfigError
+
     chosen = figures.points("fig4", ["uniform", "mmrns"])
-    with pytest.raises(Exception, match="4 training budgets"):
+    with pytest.raises(ConfigError, match="4 training budgets"):
         figures.collect([head], chosen, DEFAULTS)  # both models as one figure: their budgets differ
     shown = tmp_path / "show.json"
     shown.write_text(json.dumps([head]))
