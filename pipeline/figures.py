@@ -11,7 +11,8 @@
 
 Every point is a :class:`Point`: params overrides = the Table 2 cell's (:func:`pipeline.table2.overrides`,
 so each sampler trains under its own paper's loss) plus the varied key; the keys other figures
-vary (:data:`HELD`) stay at their params.yaml value ("default"), and an MMRNS point also needs the
+vary (:data:`HELD`) and the shared hyper-parameters its model uses (:data:`MODEL_HELD`: the N3 weight of
+DistMult, not of TransE) stay at their params.yaml value ("default"), and an MMRNS point also needs the
 rest of ``sampler.mmrns`` at its params.yaml value (:func:`requirements`). :func:`collect` reads
 ``dvc exp show --json`` and gives each point the experiments whose params equal all of its
 overrides (an experiment made any other way counts too, so a Table 2 run is the default
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.errors import ConfigError
+from pipeline.models import uses
 from pipeline.table2 import ALL_SAMPLERS, SAMPLER_TITLES, Cell, _dotted, _records, override_arguments, overrides
 
 FIGURES = ("fig4", "fig5", "fig6")
@@ -91,16 +93,18 @@ def points(figure: str, samplers: Iterable[str] = ALL_SAMPLERS, models: Iterable
 
 #: Keys a figure varies; on every other figure's points they are held at the params.yaml value (and queued explicitly).
 HELD = ("train.dim", "train.lr", "sampler.mmrns.eps0", "sampler.mmrns.beta", "sampler.mmrns.ablation")
+#: Shared model hyper-parameters, held at their params.yaml value for the points whose model uses them.
+MODEL_HELD = ("train.gamma", "train.regularization")
 #: The training budget (``--set`` at queue time): one value each over a figure's runs (:func:`figure_budget`);
 #: ``sampler.mmrns.warm_start`` bears on MMRNS runs only.
 BUDGET = ("train.steps", "train.valid_every", "train.patience", "sampler.mmrns.warm_start")
 
 
 def defaults_from(params: dict[str, Any]) -> dict[str, Any]:
-    """The held values of a params.yaml mapping: ``train.dim``, ``train.lr`` and every key of ``sampler.mmrns``
-    but the budget's (an MMRNS point must match the whole section but for its varied key, so a variant run never
-    counts as the paper's setting)."""
-    values = {key: _dotted(params, key) for key in ("train.dim", "train.lr")}
+    """The held values of a params.yaml mapping: ``train.dim``, ``train.lr``, :data:`MODEL_HELD` and every key of
+    ``sampler.mmrns`` but the budget's (an MMRNS point must match the whole section but for its varied key, so a
+    variant run never counts as the paper's setting)."""
+    values = {key: _dotted(params, key) for key in ("train.dim", "train.lr", *MODEL_HELD)}
     values.update({f"sampler.mmrns.{key}": value for key, value in ((params.get("sampler") or {}).get("mmrns") or {}).items()
                    if f"sampler.mmrns.{key}" not in BUDGET})
     return values
@@ -129,9 +133,11 @@ def describe(budget: dict[str, Any]) -> str:
 
 def requirements(point: Point, defaults: dict[str, Any]) -> dict[str, Any]:
     """Every params value an experiment must have to count for ``point``: its overrides and the
-    ``defaults`` (:func:`defaults_from`) of the keys it does not vary (``sampler.mmrns.*`` for MMRNS points only)."""
+    ``defaults`` (:func:`defaults_from`) of the keys it does not vary (``sampler.mmrns.*`` for MMRNS points only,
+    :data:`MODEL_HELD` keys for the models that use them)."""
     held = {key: value for key, value in defaults.items()
-            if key != point.parameter and (not key.startswith("sampler.mmrns.") or point.cell.sampler == "mmrns")}
+            if key != point.parameter and (not key.startswith("sampler.mmrns.") or point.cell.sampler == "mmrns")
+            and (key not in MODEL_HELD or uses(point.cell.model, key.removeprefix("train.")))}
     return {**held, **point.overrides()}
 
 
@@ -140,7 +146,7 @@ def unique_runs(chosen: list[Point], defaults: dict[str, Any]) -> list[tuple[str
     shared by two curves, e.g. dim 200 at the default lr, runs once, under its first name)."""
     seen: dict[str, tuple[str, dict[str, Any]]] = {}
     for point in chosen:
-        values = {key: value for key, value in requirements(point, defaults).items() if key in HELD or key in point.overrides()}
+        values = {key: value for key, value in requirements(point, defaults).items() if key in HELD or key in MODEL_HELD or key in point.overrides()}
         canonical = repr(sorted((key, _canonical(v)) for key, v in values.items()))
         seen.setdefault(canonical, (point.name(), values))
     return list(seen.values())

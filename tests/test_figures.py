@@ -100,6 +100,25 @@ def test_collect_matches_params_held_keys_and_seeds():
     assert ablations == {("mkg-w", "none"): pytest.approx(default_mrr), ("mkg-w", "no_kca"): pytest.approx(28.0), ("mkg-w", "no_css"): pytest.approx(27.0)}
 
 
+def test_a_model_hyper_parameter_is_held_only_for_the_models_that_use_it():
+    """DistMult's N3 weight is part of its configuration; TransE ignores it, so its runs count whatever their value."""
+    other = DEFAULTS["train.regularization"] * 4
+    distmult = figures.Point("fig4", Cell("mkg-w", "DistMult", "uniform"), "train.dim", 100)
+    transe = figures.Point("fig4", Cell("mkg-w", "TransE", "uniform"), "train.dim", 100)
+    assert figures.requirements(distmult, DEFAULTS)["train.regularization"] == DEFAULTS["train.regularization"]
+    assert "train.regularization" not in figures.requirements(transe, DEFAULTS) and "train.gamma" in figures.requirements(transe, DEFAULTS)
+    revs = [experiment("dm-default", params_of(distmult), {"mrr": 0.20, "hits@10": 0.30}, "2026-01-01"),
+            experiment("dm-other-n3", params_of(distmult, seed=43, **{"train.regularization": other}), {"mrr": 0.90, "hits@10": 0.90}, "2026-01-02"),
+            experiment("te-other-n3", params_of(transe, **{"train.regularization": other}), {"mrr": 0.25, "hits@10": 0.40}, "2026-01-02")]
+    head = experiment("main", yaml.safe_load((REPO / "params.yaml").read_text()), None, "2026-01-01")
+    head["experiments"] = [{"name": r["name"], "revs": [r]} for r in revs]
+    assert figures.collect([head], [distmult], DEFAULTS)[distmult].experiments == ("dm-default",)
+    assert figures.collect([head], [transe], DEFAULTS)[transe].experiments == ("te-other-n3",)
+    queued = dict(figures.unique_runs([distmult, transe], DEFAULTS))
+    assert queued[distmult.name()]["train.regularization"] == DEFAULTS["train.regularization"]
+    assert "train.regularization" not in queued[transe.name()]
+
+
 def budget_show() -> list:
     """TransE + Uniform (Fig. 4) dim runs of 3000 steps, its default point also run for 7000 steps (another
     seed, newer), one dim 400 run of 7000 steps; Fig. 5 eps0 runs without warm start, its default with 6000."""

@@ -14,9 +14,14 @@ from pipeline.graph import KnowledgeGraph
 from pipeline.models import distance, gcote, semantic  # noqa: F401  (registers the models)
 from pipeline.models.base import MODELS, KGCModel, Side
 
-__all__ = ["MODELS", "KGCModel", "Side", "build_model"]
+__all__ = ["MODELS", "KGCModel", "Side", "build_model", "uses"]
 
 SHARED_KEYS = ("dim", "gamma", "regularization")
+
+
+def uses(name: str, key: str) -> bool:
+    """Whether model ``name`` takes the shared hyper-parameter ``key`` (one of :data:`SHARED_KEYS`)."""
+    return key in inspect.signature(MODELS.get(name).__init__).parameters
 
 
 def build_model(name: str, graph: KnowledgeGraph, shared: dict[str, Any], options: dict[str, Any] | None = None) -> KGCModel:
@@ -28,7 +33,7 @@ def build_model(name: str, graph: KnowledgeGraph, shared: dict[str, Any], option
     """
     cls = MODELS.get(name)
     accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {key: shared[key] for key in SHARED_KEYS if key in accepted}
+    kwargs = {key: shared[key] for key in SHARED_KEYS if uses(name, key)}
     if "train_triples" in accepted:
         kwargs["train_triples"] = graph.train
     for key, value in (options or {}).items():
