@@ -1,7 +1,7 @@
 """`figures-queue` and `figures`: the paper's Fig. 4 (KGC hyper-parameters x samplers), Fig. 5
 (MMRNS eps0 / beta) and Fig. 6 (ablations) as queued DVC experiments, and their PNG plots.
 
-    python -m stages figures-queue [--figure fig5 ...] [--sampler uniform ...] [--seeds 3] [--set train.threads=1] [--dry-run]
+    python -m stages figures-queue [--figure fig5 ...] [--sampler uniform ...] [--model DistMult] [--seeds 3] [--set train.threads=1] [--dry-run]
     dvc queue start -j 1
     python -m stages figures [--budget train.steps=3000]   # -> plots/figures/fig4_transe.png, fig4_distmult.png, fig5.png, fig6.png, figures.csv
 
@@ -23,21 +23,24 @@ from stages.report import chosen, run_dvc
 FIGURES = ("fig4", "fig5", "fig6")
 FIGURE_OPTION = typer.Option(None, "--figure", help="fig4, fig5 or fig6 (repeatable; default: all three).")
 SAMPLER_OPTION = typer.Option(None, "--sampler", help="Fig. 4 samplers (repeatable; default: all seven).")
+MODEL_OPTION = typer.Option(None, "--model", help="Fig. 4 models (repeatable; default: TransE and DistMult).")
 
 
-def selected_points(figure: Optional[list[str]], sampler: Optional[list[str]]):
-    """The points of the chosen figures (Fig. 4 narrowed to the chosen samplers)."""
+def selected_points(figure: Optional[list[str]], sampler: Optional[list[str]], model: Optional[list[str]] = None):
+    """The points of the chosen figures (Fig. 4 narrowed to the chosen samplers and models)."""
     from pipeline import figures as module
     from pipeline.table2 import ALL_SAMPLERS
 
     samplers = chosen(sampler, ALL_SAMPLERS, "sampler")
-    return {name: module.points(name, samplers) for name in chosen(figure, FIGURES, "figure")}
+    models = chosen(model, module.FIG4_MODELS, "model")
+    return {name: module.points(name, samplers, models) for name in chosen(figure, FIGURES, "figure")}
 
 
 @app.command("figures-queue")
 def figures_queue(
     figure: Optional[list[str]] = FIGURE_OPTION,
     sampler: Optional[list[str]] = SAMPLER_OPTION,
+    model: Optional[list[str]] = MODEL_OPTION,
     seeds: int = typer.Option(1, min=1, help="Runs per point with train.seed = sampler.seed = 1..N (1: the params.yaml seeds, no suffix)."),
     set_values: Optional[list[str]] = typer.Option(None, "--set", help="Extra KEY=VALUE for every run, e.g. train.steps=20000 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the dvc commands instead of queueing them."),
@@ -51,7 +54,7 @@ def figures_queue(
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
     defaults = module.defaults_from(load_params(params))
-    runs = module.unique_runs([p for points in selected_points(figure, sampler).values() for p in points], defaults)
+    runs = module.unique_runs([p for points in selected_points(figure, sampler, model).values() for p in points], defaults)
     count = 0
     for name, values in runs:
         for seed in ([None] if seeds == 1 else range(1, seeds + 1)):
@@ -70,6 +73,7 @@ def figures_queue(
 def figures(
     figure: Optional[list[str]] = FIGURE_OPTION,
     sampler: Optional[list[str]] = SAMPLER_OPTION,
+    model: Optional[list[str]] = MODEL_OPTION,
     experiments: Optional[Path] = typer.Option(None, help="Saved `dvc exp show --json` output (default: run it now, all commits)."),
     out: Path = typer.Option(Path("plots/figures"), help="Directory of the PNGs and figures.csv."),
     budget: Optional[list[str]] = typer.Option(None, "--budget", help="KEY=VALUE of the training budget to plot when runs of several "
@@ -91,7 +95,7 @@ def figures(
     defaults = module.defaults_from(load_params(params))
     given = module.parse_budget(budget or [])
     every = []
-    for name, points in selected_points(figure, sampler).items():
+    for name, points in selected_points(figure, sampler, model).items():
         results, budgets = {}, []
         for panel in module.panels(points):  # one budget each
             found = module.collect(shown, panel, defaults, given)

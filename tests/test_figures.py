@@ -230,3 +230,13 @@ def test_queue_command_dry_run_prints_each_configuration_once():
     assert sum("sampler.mmrns.ablation=no_rel" in line for line in lines) == 2  # MKG-W and MKG-Y
     seeded = CliRunner().invoke(app, ["figures-queue", "--figure", "fig6", "--dry-run", "--seeds", "3"])
     assert len(seeded.output.splitlines()) == 24 and "--name f6-mkg-y-transe-mmrns-no-rel-s3 " in seeded.output
+
+
+def test_queue_command_narrows_fig4_to_a_model():
+    result = CliRunner().invoke(app, ["figures-queue", "--figure", "fig4", "--sampler", "uniform", "--model", "distmult", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 7 and all("--name f4-mkg-w-distmult-uniform-" in line and "train.model=DistMult" in line for line in lines)
+    assert all(f"train.regularization={DEFAULTS['train.regularization']}" in line for line in lines)
+    unknown = CliRunner().invoke(app, ["figures-queue", "--figure", "fig4", "--model", "RotatE", "--dry-run"])
+    assert unknown.exit_code != 0 and "--model: unknown RotatE; valid: TransE, DistMult" in str(unknown.exception)
