@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.errors import ConfigError
-from pipeline.models import uses
+from pipeline.models import SHARED_KEYS, uses
 from pipeline.table2 import ALL_SAMPLERS, SAMPLER_TITLES, Cell, _dotted, _records, override_arguments, overrides
 
 FIGURES = ("fig4", "fig5", "fig6")
@@ -93,8 +93,9 @@ def points(figure: str, samplers: Iterable[str] = ALL_SAMPLERS, models: Iterable
 
 #: Keys a figure varies; on every other figure's points they are held at the params.yaml value (and queued explicitly).
 HELD = ("train.dim", "train.lr", "sampler.mmrns.eps0", "sampler.mmrns.beta", "sampler.mmrns.ablation")
-#: Shared model hyper-parameters, held at their params.yaml value for the points whose model uses them.
-MODEL_HELD = ("train.gamma", "train.regularization")
+#: The other shared model hyper-parameters (``train.gamma``, ``train.regularization``), held at their params.yaml
+#: value for the points whose model uses them.
+MODEL_HELD = tuple(f"train.{key}" for key in SHARED_KEYS if f"train.{key}" not in HELD)
 #: The training budget (``--set`` at queue time): one value each over a figure's runs (:func:`figure_budget`);
 #: ``sampler.mmrns.warm_start`` bears on MMRNS runs only.
 BUDGET = ("train.steps", "train.valid_every", "train.patience", "sampler.mmrns.warm_start")

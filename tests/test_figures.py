@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline import figures
+from pipeline.errors import ConfigError
 from pipeline.table2 import Cell
 from stages import app
 from stages import figures as _figures_commands  # noqa: F401  (registers the commands)
@@ -137,8 +138,6 @@ def budget_show() -> list:
 
 
 def test_a_point_never_mixes_training_budgets():
-    from pipeline.errors import ConfigError
-
     curve = [p for p in figures.points("fig4", ["uniform"], ["TransE"]) if p.parameter == "train.dim"]
     shown = budget_show()
     shown[0]["experiments"] = [e for e in shown[0]["experiments"] if e["name"] != "long-400"]
@@ -165,8 +164,6 @@ def test_fig4_models_may_have_different_budgets(tmp_path):
                 revs.append(experiment(f"{model}-{sampler}-{dim}", params_of(point, **changes), {"mrr": 0.2, "hits@10": 0.3}, "2026-01-01"))
     head = experiment("main", yaml.safe_load((REPO / "params.yaml").read_text()), None, "2026-01-01")
     head["experiments"] = [{"name": r["name"], "revs": [r]} for r in revs]
-    from pipeline.errors import ConfigError
-
     chosen = figures.points("fig4", ["uniform", "mmrns"])
     with pytest.raises(ConfigError, match="4 training budgets"):
         figures.collect([head], chosen, DEFAULTS)  # both models as one figure: their budgets differ

@@ -33,7 +33,7 @@ def build_model(name: str, graph: KnowledgeGraph, shared: dict[str, Any], option
     """
     cls = MODELS.get(name)
     accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {key: shared[key] for key in SHARED_KEYS if uses(name, key)}
+    kwargs = {key: shared[key] for key in SHARED_KEYS if key in accepted}
     if "train_triples" in accepted:
         kwargs["train_triples"] = graph.train
     for key, value in (options or {}).items():
