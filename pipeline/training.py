@@ -417,8 +417,10 @@ def fit(
     """Train ``model`` (already on its device, as is ``sampler``) and return the run's result.
 
     Resumes from ``checkpoint_dir/last.pt`` when its ``fingerprint`` (the run's config minus
-    ``steps``) equals this one, so raising ``steps`` extends a run; otherwise starts fresh
-    and removes the stale ``last.pt`` and ``best.pt``; damaged checkpoints are set aside
+    when to stop: ``steps``, ``patience``) equals this one, so raising ``steps`` extends a run
+    and early stopping is judged by this run's ``patience`` (raising it continues a run that
+    stopped early; a lower one that the run has already reached stops it at once).
+    Otherwise starts fresh and removes the stale ``last.pt`` and ``best.pt``; damaged checkpoints are set aside
     (:func:`resume_point`). ``log`` says ``resuming from step N`` and what was set aside.
     ``model_config`` (``name``, ``shared``, ``options``)
     is stored so :func:`load_model` can rebuild the model. The model's initial parameters
@@ -461,6 +463,7 @@ def fit(
             if device.type == "cuda" and own["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(own["rng"]["cuda"], device)
             state = LoopState(**checkpoint["loop"])
+            state.stopped_early = state.bad_validations >= settings.patience  # judged by this run's patience
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(last_path, f"cannot be resumed ({one_line(error)}); move it aside to start fresh") from None
         log(f"resuming from step {state.step} ({last_path})")

@@ -25,6 +25,9 @@ POSITIVE_FLOATS = ("lr", "sampler_lr", "adversarial_temperature", "dist_timeout"
 #: Keys a params file may leave out (their defaults); they do not change what is computed, so
 #: they stay out of the run's fingerprint (the number of ranks joins it in pipeline.training.fit).
 OPTIONAL = {"nproc": 1, "dist_timeout": 600.0}
+#: When a run stops, not what it computes: out of the fingerprint, so a run is extended or given
+#: early stopping by changing them (pipeline.training.fit).
+STOPPING = ("steps", "patience")
 NON_NEGATIVE_FLOATS = ("gamma", "regularization")
 BOOLEANS = ("self_adversarial", "subsampling")
 OTHER_KEYS = ("model", "loss", "seed", "threads", "device")  # + an options mapping per model, named like it
@@ -175,7 +178,7 @@ def _train(dataset, data, out, metrics, report, plots, features, config, sampler
     fingerprint = {
         "dataset": dataset,
         "graph": [graph.num_entities, graph.num_relations, len(graph.train), len(graph.valid)],
-        "train": {key: value for key, value in config.items() if key != "steps" and key not in OPTIONAL},
+        "train": {key: value for key, value in config.items() if key not in STOPPING and key not in OPTIONAL},
         "sampler": {"name": sampler_name, "seed": sampler_config["seed"], "options": sampler_options},
     }
 

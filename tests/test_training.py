@@ -156,6 +156,24 @@ def test_early_stopping_after_patience_validations(tmp_path):
     assert read_checkpoint(tmp_path / "best.pt")["step"] == 10
 
 
+def test_resumed_run_judges_early_stopping_by_its_own_patience(tmp_path):
+    graph = small_graph()
+    scores = [0.5, 0.4, 0.45, 0.6, 0.3, 0.2, 0.1]
+    _, stopped = Run(graph, steps=100, patience=2)(tmp_path, validate=iter_scores(scores[:3]))
+    assert stopped.stopped_early and stopped.step == 30  # 0.4, 0.45: two validations without a new best
+    _, resumed = Run(graph, steps=100, patience=3)(tmp_path, validate=iter_scores(scores[3:]))
+    assert [row["step"] for row in resumed.history] == [10, 20, 30, 40, 50, 60, 70]  # continued from step 30
+    assert resumed.stopped_early and resumed.best["step"] == 40 and resumed.best["mrr"] == 0.6
+    _, again = Run(graph, steps=90, patience=4)(tmp_path, validate=iter_scores([0.7, 0.65]))
+    assert again.step == 90 and again.best == {**again.best, "step": 80, "mrr": 0.7} and not again.stopped_early
+
+
+def iter_scores(values):
+    """A validator returning ``values`` in turn (MRR), then failing the test if called again."""
+    it = iter(values)
+    return lambda model: {"mrr": next(it, None) or pytest.fail("validated more often than expected"), "hits@10": 0.0}
+
+
 def test_load_model_rebuilds_the_best_model(tmp_path):
     graph = small_graph()
     model, _ = Run(graph, steps=20)(tmp_path)
@@ -254,8 +272,9 @@ def test_train_stage_outputs_resume_and_fresh_start(tmp_path):
     best = load_model(tmp_path / "models" / "best.pt", load_graph(tmp_path / "data"))
     assert best.num_entities == 30
 
-    again = run_stage(tmp_path, steps=40)  # same config, more steps: resumes at 30
+    again = run_stage(tmp_path, steps=40, patience=7)  # same config, more steps, another patience: resumes at 30
     assert again.exit_code == 0, again.output
+    assert "resuming from step 30" in again.output
     assert list(pd.read_csv(tmp_path / "plots" / "train_curve.csv")["step"]) == [10, 20, 30, 40]
 
     fresh = run_stage(tmp_path, steps=20, lr=0.05)  # changed config: starts over
