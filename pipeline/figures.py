@@ -405,18 +405,28 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def render_csv(results: dict[Point, Result], chosen: list[Point]) -> str:
-    """The plotted numbers: one row per point (empty metrics when missing) with its runs' training budget."""
+CSV_KEY = ("figure", "dataset", "model", "sampler", "parameter", "value")
+CSV_COLUMNS = (*CSV_KEY, "mrr", "mrr_std", "hits@10", "hits@10_std", "seeds", "experiments", "budget")
+
+
+def render_csv(results: dict[Point, Result], chosen: list[Point], previous: str = "") -> str:
+    """The plotted numbers: one row per point (empty metrics when missing) with its runs' training budget.
+    Rows of ``previous`` (the file as it was) for points outside ``chosen`` are kept, first, so rendering
+    one figure or model (``--figure``, ``--model``) leaves the others' numbers in place."""
     import csv
     import io
 
+    rendered = [[p.figure, p.cell.dataset, p.cell.model, p.cell.sampler, p.parameter, p.value] for p in chosen]
+    keys = {tuple(str(v) for v in row) for row in rendered}
+    kept = [row for row in csv.DictReader(io.StringIO(previous)) if tuple(row.get(k, "") for k in CSV_KEY) not in keys]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["figure", "dataset", "model", "sampler", "parameter", "value", "mrr", "mrr_std", "hits@10", "hits@10_std", "seeds", "experiments",
-                     "budget"])
-    for p in chosen:
+    writer.writerow(CSV_COLUMNS)
+    for row in kept:
+        writer.writerow([row.get(column, "") for column in CSV_COLUMNS])
+    for p, row in zip(chosen, rendered):
         r = results.get(p)
         numbers = ["", "", "", "", 0, "", ""] if r is None else [round(r.mean["mrr"], 2), round(r.std["mrr"], 2), round(r.mean["hits@10"], 2),
                                                                  round(r.std["hits@10"], 2), len(r.experiments), " ".join(r.experiments), describe(r.budget)]
-        writer.writerow([p.figure, p.cell.dataset, p.cell.model, p.cell.sampler, p.parameter, p.value, *numbers])
+        writer.writerow([*row, *numbers])
     return buffer.getvalue()

@@ -9,7 +9,6 @@ The grids, the matching of experiments to points and the plots are in :mod:`pipe
 """
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,7 @@ import typer
 
 from pipeline.errors import ConfigError
 from stages import PARAMS_OPTION, app, load_params
-from stages.report import chosen, run_dvc
+from stages.report import EXPERIMENTS_OPTION, LEDGER_OPTION, NO_LEDGER_OPTION, all_experiments, chosen, run_dvc
 
 FIGURES = ("fig4", "fig5", "fig6")
 FIGURE_OPTION = typer.Option(None, "--figure", help="fig4, fig5 or fig6 (repeatable; default: all three).")
@@ -74,11 +73,13 @@ def figures(
     figure: Optional[list[str]] = FIGURE_OPTION,
     sampler: Optional[list[str]] = SAMPLER_OPTION,
     model: Optional[list[str]] = MODEL_OPTION,
-    experiments: Optional[Path] = typer.Option(None, help="Saved `dvc exp show --json` output (default: run it now, all commits)."),
+    experiments: Optional[Path] = EXPERIMENTS_OPTION,
     out: Path = typer.Option(Path("plots/figures"), help="Directory of the PNGs and figures.csv."),
     budget: Optional[list[str]] = typer.Option(None, "--budget", help="KEY=VALUE of the training budget to plot when runs of several "
                                                "match a figure, e.g. train.steps=3000 (repeatable; default: the swept runs' one budget)."),
     params: Path = PARAMS_OPTION,
+    ledger: Path = LEDGER_OPTION,
+    no_ledger: bool = NO_LEDGER_OPTION,
 ) -> None:
     """Render Fig. 4, 5 and 6 as PNGs from the experiments' test metrics (missing runs are listed
     and left out of the plots; `dvc plots show` displays the PNGs). Each figure plots runs of one
@@ -87,11 +88,7 @@ def figures(
     from pipeline import figures as module
     from pipeline.atomic import atomic_path
 
-    raw = experiments.read_text() if experiments else run_dvc(["exp", "show", "--json", "--all-commits"])
-    try:
-        shown = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{experiments or 'dvc exp show --json'}: not JSON ({error})") from None
+    shown = all_experiments(experiments, ledger, no_ledger)
     defaults = module.defaults_from(load_params(params))
     given = module.parse_budget(budget or [])
     every = []
@@ -109,6 +106,8 @@ def figures(
             listed = ", ".join(p.name() for p in missing[:12]) + (f", ... ({len(missing) - 12} more)" if len(missing) > 12 else "")
             typer.echo(f"{name}: missing {len(missing)}: {listed}; queue them with `python -m stages figures-queue --figure {name}`")
         every += [(p, results) for p in points]
-    table = module.render_csv({p: r[p] for p, r in every if p in r}, [p for p, _ in every])
-    with atomic_path(out / "figures.csv") as tmp:
+    table_path = out / "figures.csv"
+    previous = table_path.read_text() if table_path.exists() else ""
+    table = module.render_csv({p: r[p] for p, r in every if p in r}, [p for p, _ in every], previous)
+    with atomic_path(table_path) as tmp:
         tmp.write_text(table)

@@ -32,6 +32,11 @@ def chosen(values: Optional[list[str]], valid: tuple[str, ...], option: str) -> 
     return tuple(lookup[value.lower()] for value in values)
 
 
+EXPERIMENTS_OPTION = typer.Option(None, help="Saved `dvc exp show --json` output (default: run it now, all commits).")
+LEDGER_OPTION = typer.Option(Path("reports/experiments.jsonl"), "--ledger", help="The experiment ledger kept in git (`experiments-save`), read beside the experiments.")
+NO_LEDGER_OPTION = typer.Option(False, "--no-ledger", help="Read only --experiments (or `dvc exp show`), not the ledger.")
+
+
 def run_dvc(arguments: list[str]) -> str:
     """Run ``dvc ARGUMENTS``; its stdout, or a ConfigError with its last stderr line."""
     finished = subprocess.run(["dvc", *arguments], capture_output=True, text=True)
@@ -39,6 +44,38 @@ def run_dvc(arguments: list[str]) -> str:
         last = (finished.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ConfigError(f"dvc {' '.join(arguments[:2])} failed: {last}")
     return finished.stdout
+
+
+def shown_experiments(experiments: Optional[Path]) -> object:
+    """``dvc exp show --json --all-commits`` output, run now or read from ``experiments``."""
+    raw = experiments.read_text() if experiments else run_dvc(["exp", "show", "--json", "--all-commits"])
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{experiments or 'dvc exp show --json'}: not JSON ({error})") from None
+
+
+def all_experiments(experiments: Optional[Path], ledger: Path, no_ledger: bool) -> object:
+    """The experiments a report or figure reads: ``dvc exp show`` (or ``experiments``) and the ledger."""
+    from pipeline import ledger as ledger_module
+
+    shown = shown_experiments(experiments)
+    return shown if no_ledger else ledger_module.combined(ledger_module.read(ledger), shown)
+
+
+@app.command("experiments-save")
+def experiments_save(experiments: Optional[Path] = EXPERIMENTS_OPTION, ledger: Path = LEDGER_OPTION) -> None:
+    """Add the finished DVC experiments (`dvc exp show --all-commits`) to the ledger kept in git
+    (reports/experiments.jsonl: params and metrics, one run a line), so that `report` and `figures`
+    rebuild the tables and plots on any clone; experiment refs stay on the machine that ran them."""
+    from pipeline import ledger as ledger_module
+    from pipeline.atomic import atomic_path
+
+    found = ledger_module.finished(shown_experiments(experiments))
+    records, added = ledger_module.merge(ledger_module.read(ledger), found)
+    with atomic_path(ledger) as tmp:
+        tmp.write_text(ledger_module.render(records))
+    typer.echo(f"experiments-save: {added} new of {len(found)} finished experiments -> {ledger} ({len(records)} in all)")
 
 
 @app.command()
@@ -74,20 +111,18 @@ def table2(
 
 @app.command()
 def report(
-    experiments: Optional[Path] = typer.Option(None, help="Saved `dvc exp show --json` output (default: run it now, all commits)."),
+    experiments: Optional[Path] = EXPERIMENTS_OPTION,
     out: Path = typer.Option(Path("reports"), help="Directory of table2.md and table2.csv."),
     dataset: Optional[list[str]] = typer.Option(None, help="Datasets of the table (repeatable; default: all three)."),
+    ledger: Path = LEDGER_OPTION,
+    no_ledger: bool = NO_LEDGER_OPTION,
 ) -> None:
     """Collect the experiments' test metrics into reports/table2.md and reports/table2.csv in
     Table 2's shape, ours beside the paper's."""
     from pipeline import table2 as grid_module
     from pipeline.atomic import atomic_path
 
-    raw = experiments.read_text() if experiments else run_dvc(["exp", "show", "--json", "--all-commits"])
-    try:
-        shown = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{experiments or 'dvc exp show --json'}: not JSON ({error})") from None
+    shown = all_experiments(experiments, ledger, no_ledger)
     cells = grid_module.grid(chosen(dataset, grid_module.DATASETS, "dataset"))
     results = {cell: values for cell, values in grid_module.collect(shown).items() if cell in set(cells)}
     for name, text in (("table2.md", grid_module.render_markdown(results, cells)), ("table2.csv", grid_module.render_csv(results, cells))):

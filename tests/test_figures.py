@@ -169,7 +169,7 @@ def test_fig4_models_may_have_different_budgets(tmp_path):
         figures.collect([head], chosen, DEFAULTS)  # both models as one figure: their budgets differ
     shown = tmp_path / "show.json"
     shown.write_text(json.dumps([head]))
-    result = CliRunner().invoke(app, ["figures", "--experiments", str(shown), "--out", str(tmp_path), "--figure", "fig4",
+    result = CliRunner().invoke(app, ["figures", "--no-ledger", "--experiments", str(shown), "--out", str(tmp_path), "--figure", "fig4",
                                       "--sampler", "uniform", "--sampler", "mmrns"])
     assert result.exit_code == 0, result.output
     assert "sampler.mmrns.warm_start=2000" in result.output and "sampler.mmrns.warm_start=500" in result.output
@@ -180,7 +180,7 @@ def test_fig4_models_may_have_different_budgets(tmp_path):
 def test_figures_command_plots_one_budget_and_names_several(tmp_path):
     shown = tmp_path / "show.json"
     shown.write_text(json.dumps(budget_show()))
-    arguments = ["figures", "--experiments", str(shown), "--out", str(tmp_path), "--figure", "fig4", "--sampler", "uniform"]
+    arguments = ["figures", "--no-ledger", "--experiments", str(shown), "--out", str(tmp_path), "--figure", "fig4", "--sampler", "uniform"]
     several = CliRunner().invoke(app, arguments)
     assert "2 training budgets" in str(several.exception) and "long-400" in str(several.exception)
     result = CliRunner().invoke(app, [*arguments, "--budget", "train.steps=3000"])
@@ -196,7 +196,7 @@ def test_figures_command_renders_valid_pngs_and_reports_missing_runs(tmp_path):
     shown = tmp_path / "show.json"
     shown.write_text(json.dumps(synthetic_show()))
     out = tmp_path / "figures"
-    result = CliRunner().invoke(app, ["figures", "--experiments", str(shown), "--out", str(out)])
+    result = CliRunner().invoke(app, ["figures", "--no-ledger", "--experiments", str(shown), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "fig5: 5 of 8 points found" in result.output and "fig6: 3 of 8 points found" in result.output
     # Uniform dims 50/100/200 and lr 1e-3 (= dim 200), MMRNS dim 200 and lr 1e-3 (= Fig. 5's default run)
@@ -214,7 +214,7 @@ def test_figures_command_renders_valid_pngs_and_reports_missing_runs(tmp_path):
     assert next(r for r in rows if r["figure"] == "fig6" and r["value"] == "no_rel")["mrr"] == ""
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
 
-    bad = CliRunner().invoke(app, ["figures", "--experiments", str(shown), "--out", str(out), "--figure", "fig7"])
+    bad = CliRunner().invoke(app, ["figures", "--no-ledger", "--experiments", str(shown), "--out", str(out), "--figure", "fig7"])
     assert "--figure: unknown fig7; valid: fig4, fig5, fig6" in str(bad.exception)
 
 

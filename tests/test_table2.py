@@ -114,7 +114,7 @@ def test_commands_queue_recipe_and_report(tmp_path):
     ]
     shown = tmp_path / "show.json"
     shown.write_text(json.dumps(dvc_show()))
-    result = runner.invoke(app, ["report", "--experiments", str(shown), "--out", str(tmp_path / "reports"), "--dataset", "mkg-w"])
+    result = runner.invoke(app, ["report", "--no-ledger", "--experiments", str(shown), "--out", str(tmp_path / "reports"), "--dataset", "mkg-w"])
     assert result.exit_code == 0, result.output
     assert "3 of 30 Table 2 runs found" in result.output
     assert (tmp_path / "reports" / "table2.md").read_text().count("missing") > 20
