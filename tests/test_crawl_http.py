@@ -59,7 +59,8 @@ def test_total_timeout_ends_an_answer_trickled_a_byte_at_a_time(services, phase)
     with HttpClient(config(read_timeout=0.5, total_timeout=1.0, max_attempts=3)) as client, \
             pytest.raises(FetchError, match="within total_timeout 1 s") as error:
         client.fetch(f"{services.base}/files/slow.jpg")
-    assert 0.95 <= time.monotonic() - start < 1.5
+    # the whole answer takes 20 s; the deadline ends it after 1 s (the upper bound leaves room for a loaded machine)
+    assert 0.95 <= time.monotonic() - start < 5.0
     assert not error.value.unreachable and len(services.requests) == 1  # not retried
 
 
