@@ -411,22 +411,25 @@ CSV_COLUMNS = (*CSV_KEY, "mrr", "mrr_std", "hits@10", "hits@10_std", "seeds", "e
 
 def render_csv(results: dict[Point, Result], chosen: list[Point], previous: str = "") -> str:
     """The plotted numbers: one row per point (empty metrics when missing) with its runs' training budget.
-    Rows of ``previous`` (the file as it was) for points outside ``chosen`` are kept, first, so rendering
-    one figure or model (``--figure``, ``--model``) leaves the others' numbers in place."""
+    The rows of ``previous`` (the file as it was) stay in their place, those of ``chosen`` rewritten, so
+    rendering one figure or model (``--figure``, ``--model``) leaves the others' numbers as they were;
+    points new to the file come last."""
     import csv
     import io
 
-    rendered = [[p.figure, p.cell.dataset, p.cell.model, p.cell.sampler, p.parameter, p.value] for p in chosen]
-    keys = {tuple(str(v) for v in row) for row in rendered}
-    kept = [row for row in csv.DictReader(io.StringIO(previous)) if tuple(row.get(k, "") for k in CSV_KEY) not in keys]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in kept:
-        writer.writerow([row.get(column, "") for column in CSV_COLUMNS])
-    for p, row in zip(chosen, rendered):
+    rendered = {}
+    for p in chosen:
         r = results.get(p)
         numbers = ["", "", "", "", 0, "", ""] if r is None else [round(r.mean["mrr"], 2), round(r.std["mrr"], 2), round(r.mean["hits@10"], 2),
                                                                  round(r.std["hits@10"], 2), len(r.experiments), " ".join(r.experiments), describe(r.budget)]
-        writer.writerow([*row, *numbers])
+        row = [p.figure, p.cell.dataset, p.cell.model, p.cell.sampler, p.parameter, p.value, *numbers]
+        rendered[tuple(str(v) for v in row[:len(CSV_KEY)])] = row
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for old in csv.DictReader(io.StringIO(previous)):
+        key = tuple(old.get(column, "") for column in CSV_KEY)
+        writer.writerow(rendered.pop(key) if key in rendered else [old.get(column, "") for column in CSV_COLUMNS])
+    for row in rendered.values():
+        writer.writerow(row)
     return buffer.getvalue()

@@ -116,5 +116,7 @@ def test_rendering_one_figure_keeps_the_other_figures_rows(tmp_path):
     after = list(csv.DictReader(io.StringIO((tmp_path / "figures.csv").read_text())))
     assert len(after) == len(before) == 112 + 8 + 8
     assert [r for r in after if r["figure"] != "fig5"] == [r for r in before if r["figure"] != "fig5"]
+    key = lambda row: (row["figure"], row["dataset"], row["model"], row["sampler"], row["parameter"], row["value"])  # noqa: E731
+    assert [key(r) for r in after] == [key(r) for r in before]  # rows stay in place: a diff shows only what changed
     eps3 = next(r for r in after if r["figure"] == "fig5" and r["value"] == "3")
     assert eps3["mrr"] == "" and next(r for r in before if r["figure"] == "fig5" and r["value"] == "3")["mrr"] == "30.0"
