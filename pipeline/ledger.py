@@ -11,7 +11,7 @@ Lines file, one finished experiment a line, in the record shape that
               "params": {"params.yaml": {"data": {...}}},
               "metrics": {"metrics/mkg-w/evaluate.json": {"data": {"mrr": 0.29, ...}}, ...}}}
 
-so every reader of experiments takes ``[*ledger, shown]`` unchanged (:func:`combined`). A record
+so the readers of ``dvc exp show`` output take the ledger beside it unchanged (:func:`combined`). A record
 is identified by its experiment commit (``data.rev``): saving again adds only new runs, and two
 runs of one name (e.g. a figure point re-run after a code change) are both kept, the newest
 counting where a reader picks one.
