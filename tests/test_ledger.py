@@ -65,6 +65,9 @@ def test_a_damaged_ledger_is_refused_naming_its_line(tmp_path):
     path.write_text(ledger.render(ledger.finished(dvc_show())) + '{"name": "half"\n')
     with pytest.raises(DataError, match=r"experiments\.jsonl:5: not JSON"):
         ledger.read(path)
+    damaged = path.read_text()
+    saved = CliRunner().invoke(app, ["experiments-save", "--experiments", write(tmp_path / "a.json", dvc_show()), "--ledger", str(path)])
+    assert isinstance(saved.exception, DataError) and path.read_text() == damaged  # refused, nothing overwritten
     path.write_text('{"name": "x", "data": {"rev": "abc"}}\n')
     with pytest.raises(DataError, match=r"experiments\.jsonl:1: not a ledger record"):
         ledger.read(path)
